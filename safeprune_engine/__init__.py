@@ -1,0 +1,42 @@
+"""safeprune-engine: prune a diffusion UNet, then recover quality and suppress concepts in one bilevel phase.
+
+The import stays light (no diffusers, deepspeed or triton): public names are resolved lazily.
+
+    >>> import safeprune_engine as sp
+    >>> teacher = sp.load_teacher("path/to/sd-pipeline")
+    >>> student, report = sp.prune(teacher.unet, ratio=0.5)
+    >>> result = sp.train(sp.RunConfig(teacher="path/to/sd-pipeline", data="images/", erase=["by Monet"]))
+    >>> sp.export_pipeline(teacher, result.student, "out/pipeline")
+"""
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "RunConfig": "safeprune_engine.config",
+    "load_teacher": "safeprune_engine.models.teacher",
+    "TeacherBundle": "safeprune_engine.models.teacher",
+    "PrunedUNet2DConditionModel": "safeprune_engine.models.pruned_unet",
+    "prune": "safeprune_engine.prune.width",
+    "count_macs": "safeprune_engine.prune.macs",
+    "train": "safeprune_engine.api",
+    "run": "safeprune_engine.api",
+    "export_pipeline": "safeprune_engine.models.export",
+    "load_pipeline": "safeprune_engine.models.export",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'safeprune_engine' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

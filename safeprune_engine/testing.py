@@ -1,0 +1,158 @@
+"""Offline building blocks for tests and examples: a tiny Stable-Diffusion-shaped pipeline from configs.
+
+Nothing here downloads anything. The tokenizer is a byte-level CLIP tokenizer (every byte is a token, no
+merges), which keeps the real CLIPTokenizer code path without shipping a 49k-entry vocabulary.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+# per-dtype (atol, rtol) for comparing a computation with its fp32 reference
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-7),
+    torch.float32: (1e-5, 1e-4),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+
+
+def _byte_unicode_table() -> list[str]:
+    """The 256 printable stand-ins for raw bytes that byte-level BPE tokenizers use (GPT-2/CLIP scheme)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def tiny_tokenizer(model_max_length: int = 32):
+    """A real transformers.CLIPTokenizer over a byte-level vocabulary (514 tokens)."""
+    from transformers import CLIPTokenizer
+
+    chars = _byte_unicode_table()
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    tokenizer.model_max_length = model_max_length
+    return tokenizer
+
+
+def tiny_unet_config(prediction_sample_size: int = 8, cross_attention_dim: int = 32) -> dict:
+    """Config of a ~1M-parameter UNet2DConditionModel with SD's block structure (2 stages)."""
+    return dict(
+        sample_size=prediction_sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        norm_num_groups=8,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+    )
+
+
+def tiny_unet(seed: int = 0, **overrides):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**{**tiny_unet_config(), **overrides})
+
+
+def tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon", unet_overrides: dict | None = None):
+    """A StableDiffusionPipeline with random tiny components: 16 px images <-> 8 px latents."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        sample_size=16,
+    )
+    unet = tiny_unet(seed=seed, **(unet_overrides or {}))
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_pipeline(path: str | os.PathLike, **kwargs) -> Path:
+    path = Path(path)
+    tiny_pipeline(**kwargs).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
+
+
+def write_image_folder(path: str | os.PathLike, captions: list[str], size: int = 16, seed: int = 0) -> Path:
+    """An HF-imagefolder dataset: PNGs plus metadata.jsonl lines {"file_name", "text"}.
+
+    Each image is a coloured square on noise, its colour taken from the first colour word in its caption, so
+    the data carries a little signal without needing a renderer.
+    """
+    from PIL import Image
+    import numpy as np
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i, caption in enumerate(captions):
+        colour = next((rgb for word, rgb in COLOURS.items() if word in caption), (128, 128, 128))
+        pixels = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+        lo, hi = size // 4, 3 * size // 4
+        pixels[lo:hi, lo:hi] = colour
+        name = f"{i:05d}.png"
+        Image.fromarray(pixels).save(path / name)
+        lines.append(json.dumps({"file_name": name, "text": caption}))
+    (path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return path
