@@ -1,0 +1,175 @@
+"""RunConfig: every setting of a run, one versioned dataclass that round-trips through JSON and YAML.
+
+Each field is also a CLI flag of the same name (``prune_ratio`` <-> ``--prune-ratio``); YAML files may use
+either spelling. Flags given on the command line override the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import SafepruneError
+
+CONFIG_VERSION = 1
+METHODS = ("bilevel", "alternating", "two-stage", "distill-only")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+ERASE_METHODS = ("esd-u", "esd-x")
+
+# Fields that define *what* a run computes. A run directory refuses to continue under different values.
+IDENTITY_FIELDS = (
+    "teacher", "data", "erase", "erase_data", "anchor", "prune_ratio", "target_macs", "prune_importance",
+    "method", "batch_size", "concept_batch_size", "resolution", "lr", "lr_upper", "seed", "mixed_precision",
+    "w_diff", "w_out", "w_feat", "snr_gamma", "erase_method", "eta", "bilevel_lambda", "bilevel_inner_steps",
+    "upper_every", "two_stage_erase_steps", "esd_pool_size", "esd_ddim_steps", "esd_guidance",
+)
+
+
+@dataclass
+class RunConfig:
+    """Settings of one prune -> bilevel fine-tune -> export run. Defaults follow METHOD.md's reference."""
+
+    out: str = "runs/default"
+    teacher: str | None = None  # StableDiffusionPipeline dir or hub id; None = built-in default
+    data: str | None = None  # imagefolder with metadata.jsonl; None = built-in default data
+    erase: list[str] = field(default_factory=list)  # concept prompts to suppress
+    erase_data: str | None = None  # imagefolder of concept images; None = teacher's own trajectories
+    anchor: str = "empty"  # "empty" | "strip" (caption minus concept) | any other text = that prompt
+
+    prune_ratio: float | None = 0.5
+    target_macs: float | None = None  # fraction of teacher MACs; replaces prune_ratio when set
+    prune_importance: str = "l2"
+
+    method: str = "bilevel"
+    steps: int = 1000
+    batch_size: int = 4
+    concept_batch_size: int | None = None  # None = batch_size
+    resolution: int | None = None  # None = the teacher's native size
+    lr: float = 1e-5
+    lr_upper: float | None = None  # None = 5 x lr (the reference code's ratio)
+    seed: int = 0
+    mixed_precision: str = "no"
+    device: str | None = None  # None = cuda when available
+
+    w_diff: float = 1.0
+    w_out: float = 2.0
+    w_feat: float = 0.1
+    snr_gamma: float | None = None
+
+    erase_method: str = "esd-u"
+    eta: float = 1.0
+    bilevel_lambda: float = 100.0
+    bilevel_inner_steps: int = 20
+    upper_every: int = 10  # alternating: one upper step every N iterations
+    two_stage_erase_steps: int | None = None  # None = steps // 4
+    esd_pool_size: int = 64  # trajectory latents per concept when no concept images are given
+    esd_ddim_steps: int = 20
+    esd_guidance: float = 3.0
+
+    checkpoint_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: str | None = None  # "latest" or a checkpoint directory
+    log_every: int = 10
+    progress: bool = True
+    version: int = CONFIG_VERSION
+
+    # ---- (de)serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        normalised = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise SafepruneError(f"unknown config key {key!r}; known keys: {', '.join(sorted(known))}")
+            normalised[name] = value
+        version = normalised.get("version", CONFIG_VERSION)
+        if version > CONFIG_VERSION:
+            raise SafepruneError(f"config version {version} is newer than this safeprune-engine ({CONFIG_VERSION})")
+        if isinstance(normalised.get("erase"), str):
+            normalised["erase"] = [normalised["erase"]]
+        return cls(**normalised)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise SafepruneError(f"config file {path} does not exist")
+        text = path.read_text()
+        if path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        if not isinstance(values, dict):
+            raise SafepruneError(f"config file {path} must hold a mapping of keys to values")
+        return cls.from_dict(values)
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ---- derived values ----------------------------------------------------------------------------
+    @property
+    def effective_lr_upper(self) -> float:
+        return self.lr_upper if self.lr_upper is not None else 5.0 * self.lr
+
+    @property
+    def effective_concept_batch_size(self) -> int:
+        return self.concept_batch_size or self.batch_size
+
+    @property
+    def effective_two_stage_erase_steps(self) -> int:
+        if self.two_stage_erase_steps is not None:
+            return self.two_stage_erase_steps
+        return max(1, self.steps // 4)
+
+    def identity(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in IDENTITY_FIELDS}
+
+    # ---- validation --------------------------------------------------------------------------------
+    def validate(self) -> "RunConfig":
+        """Raise SafepruneError on the first bad value; return self so calls chain."""
+        if self.method not in METHODS:
+            raise SafepruneError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise SafepruneError(
+                f"unknown mixed precision {self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISION)}"
+            )
+        if self.erase_method not in ERASE_METHODS:
+            raise SafepruneError(
+                f"unknown erase method {self.erase_method!r}; choose one of {', '.join(ERASE_METHODS)}"
+            )
+        for concept in self.erase:
+            if not isinstance(concept, str) or not concept.strip():
+                raise SafepruneError("an --erase concept is empty; give the text of the concept to suppress")
+        if self.method != "distill-only" and not self.erase:
+            raise SafepruneError(f"method {self.method!r} erases concepts: give at least one --erase TEXT")
+        if self.target_macs is not None:
+            if not 0.0 < self.target_macs <= 1.0:
+                raise SafepruneError(f"--target-macs must be in (0, 1], got {self.target_macs}")
+        elif self.prune_ratio is None or not 0.0 < self.prune_ratio < 1.0:
+            raise SafepruneError(f"--prune-ratio must be in (0, 1) (exclusive), got {self.prune_ratio}")
+        for name in ("steps", "batch_size", "bilevel_inner_steps", "upper_every", "esd_pool_size",
+                     "esd_ddim_steps", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise SafepruneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.concept_batch_size is not None and self.concept_batch_size < 1:
+            raise SafepruneError("--concept-batch-size must be at least 1")
+        if self.checkpoint_every < 0:
+            raise SafepruneError("--checkpoint-every must be >= 0")
+        if self.lr <= 0 or (self.lr_upper is not None and self.lr_upper <= 0):
+            raise SafepruneError("learning rates must be positive")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise SafepruneError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.method == "two-stage" and self.effective_two_stage_erase_steps >= self.steps:
+            raise SafepruneError("--two-stage-erase-steps must be smaller than --steps (some steps must distill)")
+        return self
