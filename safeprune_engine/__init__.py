@@ -24,9 +24,12 @@ _LAZY = {
     "run": "safeprune_engine.api",
     "export_pipeline": "safeprune_engine.models.export",
     "load_pipeline": "safeprune_engine.models.export",
+    # diffusers' pipeline loader resolves a component's load method via getattr(library, "ModelMixin"), and
+    # exported pipelines name this package as the unet's library
+    "ModelMixin": "diffusers",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = sorted(n for n in _LAZY if n != "ModelMixin") + ["__version__"]
 
 
 def __getattr__(name):

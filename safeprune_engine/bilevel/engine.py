@@ -1,0 +1,222 @@
+"""The shared-teacher training step machinery that every solver runs on.
+
+Per step the teacher runs ONCE: the data rows (for output and feature distillation) and, when the upper level
+is active, the concept rows under every condition the objective asks for (for ESD: concept and anchor) are
+concatenated along the batch into a single inference-mode forward. Hooks keep only the data rows' block
+outputs. The student runs once on the data rows and, on upper steps, once on the concept rows, so that a
+restricted parameter set (ESD-x/-u) receives only its own share of the upper gradient.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..distill.features import BlockTaps
+from ..distill.losses import FeatureProjections, diffusion_loss, feature_kd_loss, output_kd_loss
+from ..unlearn.base import ConceptBatch, UnlearnObjective
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class DataBatch:
+    """Noisy data latents for the lower level. latents: (B, C, h, w); timesteps: (B,); text_emb: (B, L, D);
+    target: (B, C, h, w) the noise or the velocity, by the teacher's prediction type."""
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    text_emb: torch.Tensor
+    target: torch.Tensor
+
+
+@dataclass
+class TeacherOutputs:
+    data_prediction: torch.Tensor | None = None  # (B, C, h, w)
+    data_features: list[torch.Tensor] = field(default_factory=list)  # block outputs of the data rows
+    concept_predictions: dict[str, torch.Tensor] = field(default_factory=dict)  # condition -> (Bc, C, h, w)
+
+
+@dataclass
+class LowerLoss:
+    total: torch.Tensor
+    parts: dict[str, torch.Tensor]
+
+
+class EpochSampler:
+    """Indices in shuffled epochs, drawn from the run's generator; its state is two small tensors."""
+
+    def __init__(self, size: int, generator: torch.Generator):
+        self.size, self.generator = size, generator
+        self.order = torch.randperm(size, generator=generator, device=generator.device)
+        self.cursor = 0
+
+    def take(self, count: int) -> torch.Tensor:
+        chunks = []
+        while count > 0:
+            if self.cursor >= self.size:
+                self.order = torch.randperm(self.size, generator=self.generator, device=self.generator.device)
+                self.cursor = 0
+            chunk = self.order[self.cursor : self.cursor + count]
+            self.cursor += chunk.numel()
+            count -= chunk.numel()
+            chunks.append(chunk)
+        return torch.cat(chunks)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"order": self.order.cpu(), "cursor": torch.tensor(self.cursor)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.order = state["order"].to(self.order.device)
+        self.cursor = int(state["cursor"])
+
+
+class TrainingEngine:
+    """Holds the student, the teacher and the data; solvers call its sample / teacher_pass / loss methods."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        noise_scheduler,
+        prediction_type: str,
+        data_cache,
+        config,
+        concept_source=None,
+        objective: UnlearnObjective | None = None,
+        projections: FeatureProjections | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        self.device = torch.device(device)
+        self.student, self.teacher = student, teacher
+        self.scheduler, self.prediction_type = noise_scheduler, prediction_type
+        self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(self.device)
+        self.data, self.concepts, self.objective = data_cache, concept_source, objective
+        self.config = config
+        self.projections = projections
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.sampler = EpochSampler(len(data_cache), self.generator)
+        self.student_taps = BlockTaps(student)
+        self.teacher_taps = BlockTaps(teacher)
+        self.reference = teacher  # the model the upper level's targets come from (two-stage swaps it)
+        self.reference_taps = self.teacher_taps
+        mp = config.mixed_precision
+        self.autocast_dtype = AUTOCAST_DTYPES.get(mp)
+
+    # ---- sampling ----------------------------------------------------------------------------------
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def sample_data_batch(self) -> DataBatch:
+        batch_size = self.config.batch_size
+        index = self.sampler.take(batch_size)
+        z0 = self.data.sample_latents(index, self.generator)
+        noise = torch.randn(z0.shape, generator=self.generator, device=self.device, dtype=z0.dtype)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch_size,), generator=self.generator,
+                          device=self.device)
+        z_t = self.scheduler.add_noise(z0, noise, t)
+        target = self.scheduler.get_velocity(z0, noise, t) if self.prediction_type == "v_prediction" else noise
+        return DataBatch(latents=z_t, timesteps=t, text_emb=self.data.text_emb[index], target=target)
+
+    def sample_concept_batch(self) -> ConceptBatch:
+        if self.concepts is None:
+            raise RuntimeError("this run has no concept source (no --erase given)")
+        return self.concepts.sample(self.config.effective_concept_batch_size, self.generator)
+
+    # ---- the one teacher forward -------------------------------------------------------------------
+    @torch.no_grad()  # not inference_mode: its tensors could not be saved for the losses' backward
+    def teacher_pass(self, data: DataBatch | None, concept: ConceptBatch | None, features: bool = True,
+                     model: nn.Module | None = None) -> TeacherOutputs:
+        """One batched forward of the frozen model over every row this step needs.
+
+        Rows: [data (B) | concept under each objective condition (Bc each)]. Only the data rows' block
+        outputs are kept, and only when `features` is set.
+        """
+        model = self.teacher if model is None else model
+        taps = self.teacher_taps if model is self.teacher else self.reference_taps
+        latents, timesteps, conditions, sizes = [], [], [], []
+        if data is not None:
+            latents.append(data.latents), timesteps.append(data.timesteps), conditions.append(data.text_emb)
+            sizes.append(("data", data.latents.shape[0]))
+        if concept is not None:
+            for name in self.objective.teacher_conditions:
+                latents.append(concept.latents), timesteps.append(concept.timesteps)
+                conditions.append(concept.conditions[name])
+                sizes.append((name, concept.latents.shape[0]))
+        if not latents:
+            return TeacherOutputs()
+        dtype = next(model.parameters()).dtype
+        keep_features = features and data is not None
+        rows = slice(0, data.latents.shape[0]) if keep_features else None
+        capture = taps.capture(rows=rows, detach=True) if keep_features else nullcontext([])
+        with capture as feature_maps, self.autocast():
+            prediction = model(
+                torch.cat(latents).to(dtype), torch.cat(timesteps), encoder_hidden_states=torch.cat(conditions).to(dtype)
+            ).sample
+        outputs = TeacherOutputs(data_features=list(feature_maps) if keep_features else [])
+        for (name, size), chunk in zip(sizes, prediction.split([s for _, s in sizes])):
+            if name == "data":
+                outputs.data_prediction = chunk
+            else:
+                outputs.concept_predictions[name] = chunk
+        return outputs
+
+    # ---- losses ------------------------------------------------------------------------------------
+    def lower_loss(self, data: DataBatch, teacher: TeacherOutputs) -> LowerLoss:
+        """L_ft = w_diff L_diff + w_out L_out + w_feat L_feat on the data rows (student forward inside)."""
+        cfg = self.config
+        need_features = cfg.w_feat > 0
+        capture = self.student_taps.capture() if need_features else nullcontext([])
+        with capture as student_maps, self.autocast():
+            prediction = self.student(data.latents, data.timesteps, encoder_hidden_states=data.text_emb).sample
+        parts = {
+            "diff": diffusion_loss(prediction, data.target, data.timesteps, self.alphas_cumprod, cfg.snr_gamma,
+                                   self.prediction_type),
+            "out": output_kd_loss(prediction, teacher.data_prediction),
+        }
+        if need_features:
+            parts["feat"] = feature_kd_loss(list(student_maps), teacher.data_features, self.projections)
+        total = cfg.w_diff * parts["diff"] + cfg.w_out * parts["out"]
+        if need_features:
+            total = total + cfg.w_feat * parts["feat"]
+        return LowerLoss(total=total, parts=parts)
+
+    def upper_loss(self, concept: ConceptBatch, teacher: TeacherOutputs) -> torch.Tensor:
+        """L_cu: the objective's loss on the student's prediction under the concept condition."""
+        with self.autocast():
+            prediction = self.student(
+                concept.latents, concept.timesteps, encoder_hidden_states=concept.conditions["concept"]
+            ).sample
+        return self.objective.loss(prediction, teacher.concept_predictions)
+
+    # ---- parameter sets ----------------------------------------------------------------------------
+    def lower_parameters(self) -> list[nn.Parameter]:
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        if self.projections is not None:
+            params += list(self.projections.parameters())
+        return params
+
+    def upper_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.student.named_parameters()
+                if p.requires_grad and self.objective.trainable(name)]
+
+
+def accumulate_gradients(loss: torch.Tensor, params: list[nn.Parameter], scale: float = 1.0) -> None:
+    """Add scale * d loss / d params into each param's .grad, touching no other parameter.
+
+    Used for the upper level so that a restricted parameter set (ESD-x: attn2 only) gets its gradient while
+    the rest of the student receives none from that loss.
+    """
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    for param, grad in zip(params, grads):
+        if grad is None:
+            continue
+        grad = grad * scale if scale != 1.0 else grad
+        if param.grad is None:
+            param.grad = grad.detach().clone()
+        else:
+            param.grad.add_(grad)

@@ -1,0 +1,216 @@
+"""Solvers: how lower (quality) and upper (concept suppression) updates are scheduled. All share one engine.
+
+- bilevel: the paper's first-order penalty form of  min L_cu(θ) s.t. θ ∈ argmin L_ft. Each outer iteration
+  is K inner steps on L_ft followed by one penalised step on L_cu(θ) + λ·(L_ft(θ) − v), where v is a tracked
+  estimate of min L_ft (the value function; it has no θ-gradient, so it is tracked, not optimised). The outer
+  gradient is divided by (1 + λ) so its scale matches an inner step's.
+- alternating: the public reference code. An AdamW step on L_ft every iteration and, every N-th iteration,
+  a second AdamW (its own learning rate) step on L_cu over the same weights.
+- two-stage: the baseline. Distill for S steps, then erase for E steps with ESD whose frozen reference is
+  the distilled student itself (erasing a concept from the model one has, as ESD does).
+- distill-only: L_ft only; shows how much of the teacher's concept leaks through distillation.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..registry import Registry
+from .engine import TrainingEngine, accumulate_gradients
+
+SOLVERS: Registry = Registry("method")
+
+
+def as_float(value) -> float:
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def make_adamw(params, lr: float) -> torch.optim.AdamW:
+    # foreach=False keeps CPU runs bit-reproducible across resume regardless of tensor grouping
+    return torch.optim.AdamW(params, lr=lr, foreach=False)
+
+
+class Solver:
+    """One `step(iteration)` per training step; returns fp32 scalars to log."""
+
+    uses_concepts = True
+
+    def __init__(self, engine: TrainingEngine, config):
+        self.engine, self.config = engine, config
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+
+    def lower_step(self, include_concept: bool = False):
+        """Sample, run the teacher once (with the concept rows when asked) and compute L_ft."""
+        engine = self.engine
+        data = engine.sample_data_batch()
+        concept = engine.sample_concept_batch() if include_concept else None
+        teacher = engine.teacher_pass(data, concept, features=self.config.w_feat > 0)
+        lower = engine.lower_loss(data, teacher)
+        return lower, concept, teacher
+
+    @staticmethod
+    def scalars(lower=None, upper=None, **extra) -> dict[str, float]:
+        out = {}
+        if lower is not None:
+            out["loss/ft"] = as_float(lower.total)
+            out.update({f"loss/{k}": as_float(v) for k, v in lower.parts.items()})
+        if upper is not None:
+            out["loss/cu"] = as_float(upper)
+        out.update({k: as_float(v) for k, v in extra.items()})
+        return out
+
+    # checkpointing: tensors only, so it loads with torch.load(weights_only=True)
+    def state_dict(self) -> dict:
+        return {"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+
+
+@SOLVERS.register("distill-only")
+class DistillOnly(Solver):
+    uses_concepts = False
+
+    def __init__(self, engine, config):
+        super().__init__(engine, config)
+        self.optimizers["lower"] = make_adamw(engine.lower_parameters(), config.lr)
+
+    def step(self, iteration: int) -> dict[str, float]:
+        self.zero_grad()
+        lower, _, _ = self.lower_step()
+        lower.total.backward()
+        self.optimizers["lower"].step()
+        return self.scalars(lower)
+
+
+@SOLVERS.register("alternating")
+class Alternating(Solver):
+    def __init__(self, engine, config):
+        super().__init__(engine, config)
+        self.optimizers["lower"] = make_adamw(engine.lower_parameters(), config.lr)
+        self.optimizers["upper"] = make_adamw(engine.upper_parameters(), config.effective_lr_upper)
+
+    def is_upper_step(self, iteration: int) -> bool:
+        return iteration % self.config.upper_every == self.config.upper_every - 1
+
+    def step(self, iteration: int) -> dict[str, float]:
+        upper_now = self.is_upper_step(iteration)
+        self.zero_grad()
+        lower, concept, teacher = self.lower_step(include_concept=upper_now)
+        lower.total.backward()
+        self.optimizers["lower"].step()
+        if not upper_now:
+            return self.scalars(lower)
+        # the upper step sees the weights the lower step just produced, as in the reference loop
+        self.zero_grad()
+        upper = self.engine.upper_loss(concept, teacher)
+        accumulate_gradients(upper, self.engine.upper_parameters())
+        self.optimizers["upper"].step()
+        return self.scalars(lower, upper)
+
+
+@SOLVERS.register("bilevel")
+class Bilevel(Solver):
+    def __init__(self, engine, config):
+        super().__init__(engine, config)
+        self.optimizers["lower"] = make_adamw(engine.lower_parameters(), config.lr)
+        self.value_estimate: float | None = None  # tracked min L_ft (the value function)
+        self.ema_lower: float | None = None
+
+    def is_outer_step(self, iteration: int) -> bool:
+        k = self.config.bilevel_inner_steps
+        return iteration % (k + 1) == k
+
+    def track_value(self, lower_value: float) -> None:
+        # EMA smooths the minibatch noise; the min keeps it a (running) estimate of the lower optimum
+        self.ema_lower = lower_value if self.ema_lower is None else 0.9 * self.ema_lower + 0.1 * lower_value
+        self.value_estimate = self.ema_lower if self.value_estimate is None else min(self.value_estimate,
+                                                                                      self.ema_lower)
+
+    def step(self, iteration: int) -> dict[str, float]:
+        lam = self.config.bilevel_lambda
+        outer = self.is_outer_step(iteration)
+        self.zero_grad()
+        lower, concept, teacher = self.lower_step(include_concept=outer)
+        if not outer:
+            lower.total.backward()
+            self.optimizers["lower"].step()
+            self.track_value(as_float(lower.total))
+            return self.scalars(lower, value_estimate=self.value_estimate)
+        scale = 1.0 / (1.0 + lam)
+        (lower.total * (lam * scale)).backward()
+        upper = self.engine.upper_loss(concept, teacher)
+        accumulate_gradients(upper, self.engine.upper_parameters(), scale=scale)
+        self.optimizers["lower"].step()
+        value = self.value_estimate if self.value_estimate is not None else as_float(lower.total)
+        gap = as_float(lower.total) - value
+        return self.scalars(lower, upper, penalty=as_float(upper) + lam * gap, value_gap=gap,
+                            value_estimate=value)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["value"] = torch.tensor([
+            float("nan") if self.value_estimate is None else self.value_estimate,
+            float("nan") if self.ema_lower is None else self.ema_lower,
+        ], dtype=torch.float64)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        value, ema = state["value"].tolist()
+        self.value_estimate = None if value != value else value
+        self.ema_lower = None if ema != ema else ema
+
+
+@SOLVERS.register("two-stage")
+class TwoStage(Solver):
+    def __init__(self, engine, config):
+        super().__init__(engine, config)
+        self.distill_steps = config.steps - config.effective_two_stage_erase_steps
+        self.optimizers["lower"] = make_adamw(engine.lower_parameters(), config.lr)
+        self.optimizers["upper"] = make_adamw(engine.upper_parameters(), config.effective_lr_upper)
+        self.reference = None
+
+    def freeze_reference(self) -> None:
+        """Snapshot the distilled student as the frozen model ESD steers away from."""
+        self.reference = copy.deepcopy(self.engine.student).eval().requires_grad_(False)
+        self.engine.reference = self.reference
+
+    def step(self, iteration: int) -> dict[str, float]:
+        self.zero_grad()
+        if iteration < self.distill_steps:
+            lower, _, _ = self.lower_step()
+            lower.total.backward()
+            self.optimizers["lower"].step()
+            return self.scalars(lower)
+        if self.reference is None:
+            self.freeze_reference()
+        engine = self.engine
+        concept = engine.sample_concept_batch()
+        reference = engine.teacher_pass(None, concept, features=False, model=self.reference)
+        upper = engine.upper_loss(concept, reference)
+        accumulate_gradients(upper, engine.upper_parameters())
+        self.optimizers["upper"].step()
+        return self.scalars(upper=upper)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.reference is not None:
+            state["reference"] = {k: v.detach().cpu() for k, v in self.reference.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if "reference" in state:
+            self.freeze_reference()
+            self.reference.load_state_dict(state["reference"])
+
+
+def build_solver(engine: TrainingEngine, config) -> Solver:
+    return SOLVERS.get(config.method)(engine, config)

@@ -1,0 +1,162 @@
+"""`safeprune` command line: a thin shell over the Python API.
+
+    safeprune run --teacher DIR --data DIR --erase TEXT --prune-ratio 0.5 --method bilevel --steps N --out DIR
+    safeprune sample --model DIR --prompt TEXT --out FILE.png
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from .errors import SafepruneError
+
+# flag name -> (type, help); every RunConfig field used here is also a YAML key of the same name
+RUN_FLAGS = {
+    "teacher": (str, "StableDiffusionPipeline directory (or hub id when online); omit for the built-in default"),
+    "data": (str, "image folder with metadata.jsonl lines {\"file_name\", \"text\"}"),
+    "erase": (str, "concept prompt to suppress; repeat for several"),
+    "erase_data": (str, "image folder of concept images (default: the teacher's own sampling trajectories)"),
+    "anchor": (str, "anchor for the concept: empty | strip | any text"),
+    "prune_ratio": (float, "fraction of internal width units removed, in (0, 1)"),
+    "target_macs": (float, "prune to this fraction of the teacher's MACs instead of a fixed ratio"),
+    "prune_importance": (str, "l2 | l1"),
+    "method": (str, "bilevel | alternating | two-stage | distill-only"),
+    "steps": (int, "training steps"),
+    "batch_size": (int, "data batch size per step"),
+    "concept_batch_size": (int, "concept batch size of upper steps (default: batch size)"),
+    "resolution": (int, "image resolution in pixels (default: the teacher's)"),
+    "lr": (float, "learning rate of the lower level"),
+    "lr_upper": (float, "learning rate of the upper level (default 5 x lr)"),
+    "seed": (int, "random seed"),
+    "mixed_precision": (str, "no | bf16 | fp16"),
+    "device": (str, "cpu | cuda | cuda:N (default: cuda when available)"),
+    "w_diff": (float, "weight of the diffusion loss"),
+    "w_out": (float, "weight of output distillation"),
+    "w_feat": (float, "weight of feature distillation"),
+    "snr_gamma": (float, "min-SNR gamma for the diffusion loss (default: off)"),
+    "erase_method": (str, "esd-u | esd-x"),
+    "eta": (float, "ESD negative-guidance strength"),
+    "bilevel_lambda": (float, "bilevel penalty lambda"),
+    "bilevel_inner_steps": (int, "bilevel: inner (lower) steps per outer step"),
+    "upper_every": (int, "alternating: one upper step every N iterations"),
+    "two_stage_erase_steps": (int, "two-stage: erase steps at the end (default steps // 4)"),
+    "esd_pool_size": (int, "trajectory latents per concept when no --erase-data"),
+    "esd_ddim_steps": (int, "DDIM steps of the trajectory sampler"),
+    "esd_guidance": (float, "guidance scale of the trajectory sampler"),
+    "checkpoint_every": (int, "save a checkpoint every N steps (0: only at the end)"),
+    "keep_checkpoints": (int, "checkpoints to keep"),
+    "resume": (str, "latest | CHECKPOINT_DIR"),
+    "log_every": (int, "log scalars every N steps"),
+}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="safeprune", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="prune a teacher, then fine-tune and erase concepts in one phase")
+    run.add_argument("--config", help="YAML (or JSON) file whose keys are these flags' names")
+    run.add_argument("--out", help="run directory (default runs/default)")
+    for name, (kind, text) in RUN_FLAGS.items():
+        if name == "erase":
+            run.add_argument(flag(name), action="append", default=None, help=text)
+        else:
+            run.add_argument(flag(name), type=kind, default=None, help=text)
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sample = sub.add_parser("sample", help="generate an image with an exported pipeline")
+    sample.add_argument("--model", required=True, help="pipeline directory (e.g. RUN/pipeline)")
+    sample.add_argument("--prompt", required=True)
+    sample.add_argument("--out", required=True, help="output PNG file")
+    sample.add_argument("--steps", type=int, default=25, help="denoising steps")
+    sample.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
+    sample.add_argument("--device", default=None)
+    return parser
+
+
+def run_config_from_args(args) -> "RunConfig":
+    from .config import RunConfig
+
+    config = RunConfig.from_file(args.config) if args.config else RunConfig()
+    overrides = {name: getattr(args, name) for name in RUN_FLAGS if getattr(args, name) is not None}
+    if args.out is not None:
+        overrides["out"] = args.out
+    if args.no_progress:
+        overrides["progress"] = False
+    return dataclasses.replace(config, **overrides)  # validated by train(), after built-in defaults
+
+
+def command_run(args) -> int:
+    from .api import train
+
+    config = run_config_from_args(args)
+    result = train(config)
+    print(f"done: {result.steps_run} steps; student pipeline at {result.pipeline_dir}")
+    report = result.prune_report
+    if report:
+        print(f"params {report.get('params_before', 0):,} -> {report.get('params_after', 0):,}; "
+              f"MACs {report.get('macs_before', 0):,} -> {report.get('macs_after', 0):,}")
+    return 0
+
+
+def command_sample(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .models.export import load_pipeline
+
+    if not (Path(args.model) / "model_index.json").is_file():
+        raise SafepruneError(f"--model {args.model} is not a pipeline directory (no model_index.json)")
+    if not args.prompt.strip():
+        raise SafepruneError("--prompt is empty")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(args.model, device=device)
+    size = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    image = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, height=size,
+                 width=size, generator=generator).images[0]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    image.save(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def quiet_third_party_noise() -> None:
+    """Libraries that diffusers imports when present print start-up warnings that are not about the user's run."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not os.environ.get("DS_ACCELERATOR"):
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"  # deepspeed otherwise warns that it fell back to CPU
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    quiet_third_party_noise()
+    try:
+        if args.command == "run":
+            return command_run(args)
+        return command_sample(args)
+    except SafepruneError as error:
+        print(f"safeprune: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

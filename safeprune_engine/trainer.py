@@ -1,0 +1,316 @@
+"""The run: load -> prune -> cache -> one bilevel training phase -> export, with checkpoints and resume.
+
+Everything that can be wrong with the input is checked before anything is written to the run directory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import RunConfig
+from .errors import SafepruneError
+
+log = logging.getLogger("safeprune_engine")
+
+BUILTIN_CONCEPT = "by monet"
+BUILTIN_CAPTIONS = [f"a {c} square" for c in ("red", "green", "blue", "yellow")] + [
+    f"a {c} square on a dark background" for c in ("red", "green", "blue", "yellow")
+]
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    pipeline_dir: Path | None
+    student: torch.nn.Module
+    teacher: object  # TeacherBundle
+    prune_report: dict
+    history: list[dict] = field(default_factory=list)  # logged scalars, one dict per logged step
+    steps_run: int = 0
+
+
+def resolve_device(config: RunConfig) -> torch.device:
+    if config.device:
+        return torch.device(config.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---- run directory ---------------------------------------------------------------------------------------
+def check_run_dir(config: RunConfig) -> None:
+    """Refuse an out dir that holds a different run, or the same run with checkpoints but no --resume."""
+    out = Path(config.out)
+    stored_file = out / "run_config.json"
+    if out.exists() and not out.is_dir():
+        raise SafepruneError(f"--out {out} exists and is not a directory")
+    if not stored_file.is_file():
+        if config.resume == "latest":
+            raise SafepruneError(f"--resume latest: {out} holds no run to resume")
+        if out.is_dir() and any(out.iterdir()) and not (out / "builtin").is_dir():
+            raise SafepruneError(f"--out {out} is not empty and holds no safeprune run; choose a new --out")
+        return
+    stored = RunConfig.from_dict(json.loads(stored_file.read_text()))
+    differences = [k for k, v in config.identity().items() if stored.identity().get(k) != v]
+    if differences:
+        raise SafepruneError(
+            f"--out {out} holds a different run (differs in: {', '.join(differences)}); "
+            "choose a new --out or repeat the original settings"
+        )
+    if not config.resume and ckpt.list_checkpoints(out):
+        raise SafepruneError(f"--out {out} already holds checkpoints of this run; pass --resume latest to continue")
+
+
+def with_builtin_defaults(config: RunConfig, need_teacher: bool = True) -> RunConfig:
+    """Fill in the built-in teacher / data / concept where none was given (paths inside the run dir)."""
+    base = Path(config.out) / "builtin"
+    changes = {}
+    if config.teacher is None and need_teacher:
+        changes["teacher"] = str(base / "teacher")
+    if config.data is None:
+        changes["data"] = str(base / "data")
+    if config.teacher is None and need_teacher and not config.erase and config.method != "distill-only":
+        changes["erase"] = [BUILTIN_CONCEPT]
+    return config.replace(**changes)
+
+
+def materialize_builtin(config: RunConfig) -> None:
+    """Until the toy world lands: a tiny random offline pipeline and a small synthetic image folder."""
+    from .testing import save_tiny_pipeline, write_image_folder
+
+    base = Path(config.out) / "builtin"
+    if config.teacher == str(base / "teacher") and not (base / "teacher" / "model_index.json").is_file():
+        log.warning("no --teacher given: using a tiny random offline pipeline (the built-in default world "
+                    "is not shipped yet)")
+        save_tiny_pipeline(base / "teacher", seed=0)
+    if config.data == str(base / "data") and not (base / "data" / "metadata.jsonl").is_file():
+        write_image_folder(base / "data", BUILTIN_CAPTIONS * 4, size=16, seed=0)
+
+
+# ---- building blocks -----------------------------------------------------------------------------------
+def block_channels(unet, latent_size: int, text_shape: tuple[int, int], device) -> list[int]:
+    """Output channel count of every tapped block, from one batch-1 forward."""
+    from .distill.features import BlockTaps
+
+    taps = BlockTaps(unet)
+    param = next(unet.parameters())
+    sample = torch.randn(1, unet.config.in_channels, latent_size, latent_size, device=device, dtype=param.dtype)
+    text = torch.randn(1, *text_shape, device=device, dtype=param.dtype)
+    with torch.no_grad(), taps.capture() as maps:
+        unet(sample, torch.tensor([10], device=device), encoder_hidden_states=text)
+    taps.remove()
+    return [m.shape[1] for m in maps]
+
+
+def make_concept_source(config: RunConfig, teacher, cache_dir: Path, latent_size: int, device, progress: bool):
+    from .data.cache import build_latent_cache, encode_prompts
+    from .data.imagefolder import ImageFolder
+    from .unlearn.sources import (ImageConceptSource, TrajectoryConceptSource, anchor_prompt,
+                                  load_or_sample_trajectory_pool, sample_trajectory_pool,
+                                  trajectory_pool_fingerprint)
+
+    if config.erase_data:
+        folder = ImageFolder(config.erase_data)
+        cache = build_latent_cache(teacher, folder, resolution=config.resolution, cache_dir=cache_dir / "concepts",
+                                   progress=progress)
+        anchors = [anchor_prompt(c, config.erase, config.anchor) for c in cache.captions]
+        anchor_emb = encode_prompts(teacher, anchors)
+        return ImageConceptSource(cache.to(device), anchor_emb.to(device), teacher.noise_scheduler())
+    concept_emb = encode_prompts(teacher, list(config.erase))
+    anchor_emb = encode_prompts(teacher, [anchor_prompt(c, config.erase, config.anchor) for c in config.erase])
+    uncond = encode_prompts(teacher, [""])
+    settings = dict(pool=config.esd_pool_size, ddim=config.esd_ddim_steps, guidance=config.esd_guidance,
+                    size=latent_size, seed=config.seed)
+    fingerprint = trajectory_pool_fingerprint(teacher.fingerprint("unet"), list(config.erase), **settings)
+    latent_shape = (teacher.unet.config.in_channels, latent_size, latent_size)
+    pool = load_or_sample_trajectory_pool(
+        cache_dir,
+        fingerprint,
+        lambda: sample_trajectory_pool(
+            teacher.unet, dict(teacher.scheduler.config), concept_emb.to(device), uncond.to(device),
+            config.esd_pool_size, latent_shape, config.esd_ddim_steps, config.esd_guidance, config.seed,
+            progress=progress,
+        ),
+    )
+    return TrajectoryConceptSource(pool["latents"], pool["timesteps"], pool["concept_index"], concept_emb,
+                                   anchor_emb).to(device)
+
+
+def cast_module(module, dtype: torch.dtype):
+    """Cast only when needed (diffusers warns on every .to(dtype), even a no-op one)."""
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    return module
+
+
+def build_engine(config: RunConfig, teacher, student, data_folder, cache_dir: Path, latent_size: int, device,
+                 progress: bool = True):
+    """Cache pass + models in their training dtypes + the TrainingEngine that every solver runs on.
+
+    The cache pass encodes the data (and concept images or the concept trajectory pool) once, so training
+    steps never run the VAE encoder or the text encoder.
+    """
+    from .bilevel.engine import TrainingEngine
+    from .data.cache import build_latent_cache
+    from .distill.losses import FeatureProjections
+    from .unlearn.base import build_objective
+
+    teacher.unet.to(device)
+    data_cache = build_latent_cache(teacher, data_folder, resolution=config.resolution, cache_dir=cache_dir / "data",
+                                    progress=progress).to(device)
+    objective = concept_source = None
+    if config.method != "distill-only":
+        objective = build_objective(config)
+        concept_source = make_concept_source(config, teacher, cache_dir, latent_size, device, progress)
+    student.to(device).train()
+    student.requires_grad_(True)
+    text_shape = tuple(data_cache.text_emb.shape[1:])
+    projections = FeatureProjections(
+        block_channels(student, latent_size, text_shape, device),
+        block_channels(teacher.unet, latent_size, text_shape, device),
+    ).to(device)
+    # the teacher runs in the training dtype (the trainer casts it back to fp32 before export)
+    train_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
+    teacher_unet = cast_module(teacher.unet, train_dtype).to(device).eval().requires_grad_(False)
+    return TrainingEngine(student, teacher_unet, teacher.noise_scheduler(), teacher.prediction_type, data_cache,
+                          config, concept_source=concept_source, objective=objective, projections=projections,
+                          device=device)
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+def train(config: RunConfig, teacher=None, student=None) -> TrainResult:
+    """Run prune -> cache -> train -> export as configured. Returns the trained student and where it went.
+
+    teacher / student: optional in-memory TeacherBundle and (pruned) UNet to use instead of loading and
+    pruning (the Python API's way in); config.teacher is still recorded as the run's identity.
+    """
+    from tqdm.auto import tqdm
+
+    from .bilevel.solvers import build_solver
+    from .data.imagefolder import ImageFolder
+    from .models.export import export_pipeline
+    from .models.pruned_unet import PrunedUNet2DConditionModel
+    from .models.teacher import load_teacher
+    from .prune.macs import count_macs, count_params
+    from .prune.width import prune
+
+    config = with_builtin_defaults(config, need_teacher=teacher is None)
+    config.validate()
+    check_run_dir(config)
+    materialize_builtin(config)
+    progress = config.progress
+    device = resolve_device(config)
+
+    # -- validate every input before writing anything (beyond the built-in default's own files) --
+    data_folder = ImageFolder(config.data)
+    if config.erase_data:
+        ImageFolder(config.erase_data)
+    resume_path = ckpt.resolve_resume(config.out, config.resume) if config.resume else None
+    if teacher is None:
+        teacher = load_teacher(config.teacher)
+    resume_meta = ckpt.load_checkpoint_meta(resume_path) if resume_path else None
+    if resume_meta is not None:
+        if resume_meta.get("teacher_unet") != teacher.fingerprint("unet"):
+            raise SafepruneError(f"--resume {resume_path}: the checkpoint was trained from another teacher "
+                                 "(architecture or weights differ)")
+        stored_identity = resume_meta.get("identity", {})
+        differences = [k for k, v in config.identity().items() if stored_identity.get(k) != v]
+        if differences:
+            raise SafepruneError(f"--resume {resume_path}: checkpoint belongs to a run with other settings "
+                                 f"({', '.join(differences)})")
+
+    vae_factor = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+    identity_config = config  # as given: derived values below must not make a rerun look like another run
+    if config.resolution is None:
+        config = config.replace(resolution=teacher.unet.config.sample_size * vae_factor)
+    latent_size = config.resolution // vae_factor
+
+    # -- student: from the checkpoint when resuming, else pruned from the teacher --
+    teacher_macs = count_macs(teacher.unet, sample_size=latent_size)
+    if resume_path is not None:
+        student = PrunedUNet2DConditionModel.from_pretrained(resume_path / "student")
+        if student.config.get("pruned_widths") != resume_meta.get("student_widths"):
+            raise SafepruneError(f"--resume {resume_path}: the saved student does not match its own record")
+        prune_report = resume_meta.get("prune_report", {})
+    elif student is None:
+        student, report = prune(teacher.unet, ratio=None if config.target_macs else config.prune_ratio,
+                                target_macs=config.target_macs, importance=config.prune_importance,
+                                sample_size=latent_size)
+        prune_report = report.to_dict()
+        log.info(report.summary())
+    else:
+        prune_report = {"params_before": count_params(teacher.unet), "params_after": count_params(student),
+                        "macs_before": teacher_macs, "macs_after": count_macs(student, sample_size=latent_size)}
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run_config.json").write_text(identity_config.to_json())
+    (out / "prune_report.json").write_text(json.dumps(prune_report, indent=2))
+
+    engine = build_engine(config, teacher, student, data_folder, out / "cache", latent_size, device, progress)
+    solver = build_solver(engine, config)
+    projections = engine.projections
+    teacher_unet = engine.teacher
+
+    start_step = 0
+    if resume_path is not None:
+        state = ckpt.load_checkpoint_state(resume_path, device)
+        ckpt.load_projections(resume_path, projections)
+        solver.load_state_dict(state["solver"])
+        engine.sampler.load_state_dict(state["sampler"])
+        engine.generator.set_state(state["generator"].cpu())
+        start_step = int(resume_meta["step"])
+        log.info("resumed from %s at step %d", resume_path, start_step)
+
+    meta = {"identity": identity_config.identity(), "teacher_unet": teacher.fingerprint("unet"),
+            "student_widths": student.config.get("pruned_widths"), "prune_report": prune_report}
+
+    def save(step: int) -> Path:
+        state = {"solver": solver.state_dict(), "sampler": engine.sampler.state_dict(),
+                 "generator": engine.generator.get_state()}
+        return ckpt.save_checkpoint(out, step, student, projections, state, meta, keep=config.keep_checkpoints)
+
+    writer = None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step)
+    except ImportError:  # tensorboard is an install dependency, but training must not die for a logger
+        log.warning("tensorboard is not installed: no scalar logs")
+
+    history: list[dict] = []
+    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc=config.method,
+               disable=not progress, dynamic_ncols=True)
+    started = time.perf_counter()
+    for step in bar:
+        scalars = solver.step(step)
+        for name, value in scalars.items():
+            if not math.isfinite(value):
+                raise FloatingPointError(f"step {step}: {name} is {value}; lower --lr or use fp32")
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            history.append({"step": step + 1, **scalars})
+            if writer is not None:
+                for name, value in scalars.items():
+                    writer.add_scalar(name, value, step + 1)
+            bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in scalars.items() if k.startswith("loss/")})
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            save(step + 1)
+    bar.close()
+    elapsed = time.perf_counter() - started
+    if writer is not None:
+        writer.close()
+    steps_run = config.steps - start_step
+    if steps_run > 0 or not ckpt.list_checkpoints(out):
+        save(config.steps)
+    cast_module(teacher_unet, torch.float32)
+    pipeline_dir = export_pipeline(teacher, student, out / "pipeline")
+    summary = {"steps": config.steps, "steps_run": steps_run, "seconds": elapsed, "prune": prune_report,
+               "final": history[-1] if history else {}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return TrainResult(out_dir=out, pipeline_dir=pipeline_dir, student=student, teacher=teacher,
+                       prune_report=prune_report, history=history, steps_run=steps_run)

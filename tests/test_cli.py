@@ -1,0 +1,174 @@
+"""End to end through the CLI: run -> export -> plain diffusers load -> sample; resume; every bad input."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from safeprune_engine.cli import main
+from safeprune_engine.testing import write_image_folder
+
+CAPTIONS = ["a red square", "a blue square", "a green square", "a yellow square"] * 2
+FAST = ["--resolution", "16", "--batch-size", "2", "--esd-pool-size", "4", "--esd-ddim-steps", "3",
+        "--bilevel-inner-steps", "1", "--no-progress", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from safeprune_engine.testing import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("world")
+    return {"teacher": str(save_tiny_pipeline(root / "teacher", seed=0)),
+            "data": str(write_image_folder(root / "data", CAPTIONS, size=16))}
+
+
+def run_args(world, out, *extra, steps=4, method="bilevel"):
+    return ["run", "--teacher", world["teacher"], "--data", world["data"], "--erase", "by monet",
+            "--prune-ratio", "0.5", "--method", method, "--steps", str(steps), "--out", str(out), *FAST, *extra]
+
+
+def test_cli_run_exports_a_pipeline_that_plain_diffusers_loads_and_samples(world, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "run"
+    assert main(run_args(world, out)) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", local_files_only=True)
+    assert type(pipe.unet).__name__ == "PrunedUNet2DConditionModel"
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["params_after"] < report["params_before"] and report["macs_after"] < report["macs_before"]
+    assert sum(p.numel() for p in pipe.unet.parameters()) == report["params_after"]
+    # the exported UNet is the trained student: same weights as the final checkpoint
+    from safeprune_engine.models.pruned_unet import PrunedUNet2DConditionModel
+
+    final = PrunedUNet2DConditionModel.from_pretrained(out / "checkpoints" / "step-00000004" / "student")
+    for (name, a), (_, b) in zip(final.state_dict().items(), pipe.unet.state_dict().items()):
+        assert torch.equal(a, b), name
+    image = pipe("a red square", num_inference_steps=2, height=16, width=16, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (16, 16, 3) and image.std() > 0
+    assert list((out / "tensorboard").iterdir()), "no tensorboard event file"
+    png = tmp_path / "sample.png"
+    assert main(["sample", "--model", str(out / "pipeline"), "--prompt", "a red square", "--out", str(png),
+                 "--steps", "2", "--device", "cpu"]) == 0
+    from PIL import Image
+
+    assert Image.open(png).size == (16, 16)
+
+
+def test_yaml_config_keys_match_flags_and_flags_override(world, tmp_path):
+    from safeprune_engine.cli import build_parser, run_config_from_args
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(f"teacher: {world['teacher']}\nprune-ratio: 0.25\nsteps: 7\nerase: [by monet]\n"
+                           "method: alternating\nbatch_size: 3\n")
+    args = build_parser().parse_args(["run", "--config", str(config_file), "--steps", "9"])
+    config = run_config_from_args(args)
+    assert (config.prune_ratio, config.steps, config.method, config.batch_size) == (0.25, 9, "alternating", 3)
+
+
+def final_weights(out: Path, step: int) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(out / "checkpoints" / f"step-{step:08d}" / "student" / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.mark.parametrize("method", ["bilevel", "two-stage"])
+def test_resume_continues_bit_for_bit(world, tmp_path, monkeypatch, method):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    extra = ["--checkpoint-every", "3", "--two-stage-erase-steps", "4"]  # two-stage: checkpoint inside erase phase
+    assert main(run_args(world, straight, *extra, steps=6, method=method)) == 0
+
+    from safeprune_engine.bilevel import solvers
+
+    cls = solvers.SOLVERS.get(method)
+    original = cls.step
+
+    def crash_at_4(self, iteration):
+        if iteration == 4:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, iteration)
+
+    monkeypatch.setattr(cls, "step", crash_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        main(run_args(world, interrupted, *extra, steps=6, method=method))
+    monkeypatch.undo()
+    # the interrupted run left its step-3 checkpoint; resuming must land on the same weights
+    assert (interrupted / "checkpoints" / "step-00000003").is_dir()
+    assert main(run_args(world, interrupted, *extra, "--resume", "latest", steps=6, method=method)) == 0
+    a, b = final_weights(straight, 6), final_weights(interrupted, 6)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- bad input: one clear error, nothing written ------------------------------------------------------------
+def fails_cleanly(args, capsys, expected: str, out: Path, also: str | None = None):
+    existed = out.exists()
+    before = sorted(p.relative_to(out) for p in out.rglob("*")) if existed else None
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert also is None or also in err, err
+    assert err.count("error:") == 1
+    if existed:
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    else:
+        assert not out.exists()
+
+
+def test_missing_teacher_components(world, tmp_path, capsys):
+    import shutil
+
+    teacher = tmp_path / "broken"
+    shutil.copytree(world["teacher"], teacher)
+    shutil.rmtree(teacher / "vae")
+    shutil.rmtree(teacher / "tokenizer")
+    args = run_args(world, tmp_path / "out")
+    args[args.index("--teacher") + 1] = str(teacher)
+    fails_cleanly(args, capsys, "vae", tmp_path / "out", also="tokenizer")
+
+
+@pytest.mark.parametrize("problem", ["no-metadata", "missing-image"])
+def test_bad_data_folder(world, tmp_path, capsys, problem):
+    data = write_image_folder(tmp_path / "data", CAPTIONS, size=16)
+    if problem == "no-metadata":
+        (data / "metadata.jsonl").unlink()
+        expected = "metadata.jsonl"
+    else:
+        (data / "00003.png").unlink()
+        expected = "00003.png"
+    args = run_args(world, tmp_path / "out")
+    args[args.index("--data") + 1] = str(data)
+    fails_cleanly(args, capsys, expected, tmp_path / "out")
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--erase", "  ", "empty"),
+    ("--prune-ratio", "0", "(0, 1)"),
+    ("--prune-ratio", "1.0", "(0, 1)"),
+    ("--prune-ratio", "-0.5", "(0, 1)"),
+    ("--method", "three-stage", "unknown method"),
+])
+def test_bad_values(world, tmp_path, capsys, flag, value, expected):
+    args = run_args(world, tmp_path / "out")
+    if flag == "--erase":
+        args[args.index("--erase") + 1] = value
+    else:
+        args += [flag, value]
+    fails_cleanly(args, capsys, expected, tmp_path / "out")
+
+
+def test_out_dir_with_a_different_run_is_refused(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(run_args(world, out, steps=2)) == 0
+    args = run_args(world, out, steps=2)
+    args[args.index("--prune-ratio") + 1] = "0.25"
+    fails_cleanly(args, capsys, "holds a different run", out)
+
+
+def test_resume_from_a_checkpoint_of_another_architecture(world, tmp_path, capsys):
+    first = tmp_path / "first"
+    assert main(run_args(world, first, steps=2)) == 0
+    checkpoint = first / "checkpoints" / "step-00000002"
+    args = run_args(world, tmp_path / "second", "--resume", str(checkpoint), steps=4)
+    args[args.index("--prune-ratio") + 1] = "0.25"
+    fails_cleanly(args, capsys, "other settings", tmp_path / "second")
