@@ -164,3 +164,67 @@ def test_alternating_upper_optimizer_has_its_own_learning_rate(tmp_path):
     lower_ids = {id(p) for p in solver.optimizers["lower"].param_groups[0]["params"]}
     upper_ids = {id(p) for p in solver.optimizers["upper"].param_groups[0]["params"]}
     assert upper_ids < lower_ids  # same weights, the upper set a strict subset (ESD-u: no attn2)
+
+
+def test_mixed_precision_runs_teacher_in_training_dtype(tmp_path):
+    engine, solver, _ = make_engine(tmp_path, method="alternating", mixed_precision="bf16")
+    assert next(engine.teacher.parameters()).dtype == torch.bfloat16
+    assert next(engine.student.parameters()).dtype == torch.float32  # fp32 master weights
+    data, concept = engine.sample_data_batch(), engine.sample_concept_batch()
+    out = engine.teacher_pass(data, concept)
+    assert out.data_prediction.dtype == torch.bfloat16 and out.data_features[0].dtype == torch.bfloat16
+    for step in range(2):
+        scalars = solver.step(step)
+        assert all(torch.isfinite(torch.tensor(v)) for v in scalars.values())
+
+
+def test_concept_images_with_stripped_anchor(tmp_path):
+    concept_dir = write_image_folder(tmp_path / "concept", ["a red square by monet", "a blue circle by Monet"],
+                                     size=16)
+    engine, solver, teacher = make_engine(tmp_path, method="alternating", erase_data=str(concept_dir),
+                                          anchor="strip")
+    from safeprune_engine.data.cache import encode_prompts
+    from safeprune_engine.unlearn.sources import ImageConceptSource
+
+    assert isinstance(engine.concepts, ImageConceptSource)
+    expected_anchor = encode_prompts(teacher, ["a red square", "a blue circle"])
+    torch.testing.assert_close(engine.concepts.anchor_emb, expected_anchor)
+    expected_concept = encode_prompts(teacher, ["a red square by monet", "a blue circle by Monet"])
+    torch.testing.assert_close(engine.concepts.concept_emb, expected_concept)
+    scalars = solver.step(1)  # upper_every=2 -> iteration 1 is an upper step
+    assert "loss/cu" in scalars
+
+
+def test_trajectory_pool_is_sampled_once_and_reused(tmp_path, monkeypatch):
+    engine, _, _ = make_engine(tmp_path, method="bilevel")
+    pool_files = list((tmp_path / "cache").glob("esd-pool-*.safetensors"))
+    assert len(pool_files) == 1
+    pool = engine.concepts
+    assert len(pool) == 4 and pool.timesteps.min() >= 0 and pool.timesteps.max() < 1000
+    assert pool.latents.std() > 0.1  # real latents, not zeros
+
+    from safeprune_engine.unlearn import sources
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the pool was sampled again although a matching one was stored")
+
+    monkeypatch.setattr(sources, "sample_trajectory_pool", refuse)
+    again, _, _ = make_engine(tmp_path, method="bilevel")
+    assert torch.equal(again.concepts.latents, pool.latents)
+
+
+def test_feature_projections_when_student_block_widths_differ(tmp_path):
+    from safeprune_engine.testing import tiny_unet
+
+    teacher = bundle_from_pipeline(tiny_pipeline(seed=0))
+    student = tiny_unet(seed=1, block_out_channels=(16, 32), norm_num_groups=4)
+    folder = ImageFolder(write_image_folder(tmp_path / "data", CAPTIONS, size=16))
+    config = RunConfig(out=str(tmp_path / "run"), method="distill-only", batch_size=2, resolution=16,
+                       progress=False).validate()
+    engine = build_engine(config, teacher, student, folder, tmp_path / "cache", latent_size=8, device="cpu",
+                          progress=False)
+    assert len(engine.projections.projections) == 5  # every tapped block differs in width
+    solver = build_solver(engine, config)
+    before = {n: p.detach().clone() for n, p in engine.projections.named_parameters()}
+    solver.step(0)
+    assert all(not torch.equal(before[n], p) for n, p in engine.projections.named_parameters())
