@@ -166,16 +166,20 @@ def test_alternating_upper_optimizer_has_its_own_learning_rate(tmp_path):
     assert upper_ids < lower_ids  # same weights, the upper set a strict subset (ESD-u: no attn2)
 
 
-def test_mixed_precision_runs_teacher_in_training_dtype(tmp_path):
-    engine, solver, _ = make_engine(tmp_path, method="alternating", mixed_precision="bf16")
-    assert next(engine.teacher.parameters()).dtype == torch.bfloat16
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_mixed_precision_runs_teacher_in_training_dtype(tmp_path, precision, dtype):
+    engine, solver, _ = make_engine(tmp_path, method="alternating", mixed_precision=precision)
+    assert next(engine.teacher.parameters()).dtype == dtype
     assert next(engine.student.parameters()).dtype == torch.float32  # fp32 master weights
     data, concept = engine.sample_data_batch(), engine.sample_concept_batch()
     out = engine.teacher_pass(data, concept)
-    assert out.data_prediction.dtype == torch.bfloat16 and out.data_features[0].dtype == torch.bfloat16
+    assert out.data_prediction.dtype == dtype and out.data_features[0].dtype == dtype
+    assert solver.scaler.is_enabled() == (precision == "fp16")
+    before = snapshot(engine.student)
     for step in range(2):
         scalars = solver.step(step)
         assert all(torch.isfinite(torch.tensor(v)) for v in scalars.values())
+    assert changed(before, engine.student)
 
 
 def test_concept_images_with_stripped_anchor(tmp_path):

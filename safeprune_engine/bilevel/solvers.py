@@ -39,10 +39,25 @@ class Solver:
     def __init__(self, engine: TrainingEngine, config):
         self.engine, self.config = engine, config
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        # fp16 autocast needs loss scaling against gradient underflow; a disabled scaler is a pass-through
+        self.scaler = torch.amp.GradScaler(engine.device.type, enabled=config.mixed_precision == "fp16")
 
     def zero_grad(self) -> None:
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def accumulate(self, loss: torch.Tensor, params, scale: float = 1.0) -> None:
+        """Upper-level gradient into `params` only (see accumulate_gradients), loss-scaled like backward."""
+        accumulate_gradients(self.scaler.scale(loss), params, scale=scale)
+
+    def optimizer_step(self, name: str) -> None:
+        self.scaler.step(self.optimizers[name])
+
+    def finish_step(self) -> None:
+        self.scaler.update()
 
     def lower_step(self, include_concept: bool = False):
         """Sample, run the teacher once (with the concept rows when asked) and compute L_ft."""
@@ -66,11 +81,14 @@ class Solver:
 
     # checkpointing: tensors only, so it loads with torch.load(weights_only=True)
     def state_dict(self) -> dict:
-        return {"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()}}
+        return {"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
 
 @SOLVERS.register("distill-only")
@@ -84,8 +102,9 @@ class DistillOnly(Solver):
     def step(self, iteration: int) -> dict[str, float]:
         self.zero_grad()
         lower, _, _ = self.lower_step()
-        lower.total.backward()
-        self.optimizers["lower"].step()
+        self.backward(lower.total)
+        self.optimizer_step("lower")
+        self.finish_step()
         return self.scalars(lower)
 
 
@@ -103,15 +122,17 @@ class Alternating(Solver):
         upper_now = self.is_upper_step(iteration)
         self.zero_grad()
         lower, concept, teacher = self.lower_step(include_concept=upper_now)
-        lower.total.backward()
-        self.optimizers["lower"].step()
+        self.backward(lower.total)
+        self.optimizer_step("lower")
         if not upper_now:
+            self.finish_step()
             return self.scalars(lower)
         # the upper step sees the weights the lower step just produced, as in the reference loop
         self.zero_grad()
         upper = self.engine.upper_loss(concept, teacher)
-        accumulate_gradients(upper, self.engine.upper_parameters())
-        self.optimizers["upper"].step()
+        self.accumulate(upper, self.engine.upper_parameters())
+        self.optimizer_step("upper")
+        self.finish_step()
         return self.scalars(lower, upper)
 
 
@@ -139,15 +160,17 @@ class Bilevel(Solver):
         self.zero_grad()
         lower, concept, teacher = self.lower_step(include_concept=outer)
         if not outer:
-            lower.total.backward()
-            self.optimizers["lower"].step()
+            self.backward(lower.total)
+            self.optimizer_step("lower")
+            self.finish_step()
             self.track_value(as_float(lower.total))
             return self.scalars(lower, value_estimate=self.value_estimate)
         scale = 1.0 / (1.0 + lam)
-        (lower.total * (lam * scale)).backward()
+        self.backward(lower.total * (lam * scale))
         upper = self.engine.upper_loss(concept, teacher)
-        accumulate_gradients(upper, self.engine.upper_parameters(), scale=scale)
-        self.optimizers["lower"].step()
+        self.accumulate(upper, self.engine.upper_parameters(), scale=scale)
+        self.optimizer_step("lower")
+        self.finish_step()
         value = self.value_estimate if self.value_estimate is not None else as_float(lower.total)
         gap = as_float(lower.total) - value
         return self.scalars(lower, upper, penalty=as_float(upper) + lam * gap, value_gap=gap,
@@ -186,8 +209,9 @@ class TwoStage(Solver):
         self.zero_grad()
         if iteration < self.distill_steps:
             lower, _, _ = self.lower_step()
-            lower.total.backward()
-            self.optimizers["lower"].step()
+            self.backward(lower.total)
+            self.optimizer_step("lower")
+            self.finish_step()
             return self.scalars(lower)
         if self.reference is None:
             self.freeze_reference()
@@ -195,8 +219,9 @@ class TwoStage(Solver):
         concept = engine.sample_concept_batch()
         reference = engine.teacher_pass(None, concept, features=False, model=self.reference)
         upper = engine.upper_loss(concept, reference)
-        accumulate_gradients(upper, engine.upper_parameters())
-        self.optimizers["upper"].step()
+        self.accumulate(upper, engine.upper_parameters())
+        self.optimizer_step("upper")
+        self.finish_step()
         return self.scalars(upper=upper)
 
     def state_dict(self) -> dict:
