@@ -16,6 +16,8 @@ PACKAGES = [
     "safeprune_engine.unlearn",
     "safeprune_engine.bilevel",
     "safeprune_engine.data",
+    "safeprune_engine.toy",
+    "safeprune_engine.eval",
     "safeprune_engine.kernels",
 ]
 
@@ -41,6 +43,9 @@ ext_modules, cmdclass = native_extensions()
 
 setup(
     packages=PACKAGES,
+    # the shipped toy teacher and judge (safetensors + configs) travel with the package
+    package_data={"safeprune_engine.toy": ["assets/**/*"]},
+    include_package_data=True,
     package_dir={"safeprune_engine.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

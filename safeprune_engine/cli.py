@@ -52,6 +52,9 @@ RUN_FLAGS = {
 }
 
 
+COMMAND_MODULES = ("safeprune_engine.toy.commands", "safeprune_engine.eval.commands")
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -71,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
             run.add_argument(flag(name), type=kind, default=None, help=text)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    run.set_defaults(handler=command_run)
+
     sample = sub.add_parser("sample", help="generate an image with an exported pipeline")
     sample.add_argument("--model", required=True, help="pipeline directory (e.g. RUN/pipeline)")
     sample.add_argument("--prompt", required=True)
@@ -80,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
     sample.add_argument("--device", default=None)
+    sample.set_defaults(handler=command_sample)
+
+    # other rooms add their own subcommands: each module has register(subparsers), setting `handler`
+    from importlib import import_module
+
+    for module in COMMAND_MODULES:
+        import_module(module).register(sub)
     return parser
 
 
@@ -150,9 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     quiet_third_party_noise()
     try:
-        if args.command == "run":
-            return command_run(args)
-        return command_sample(args)
+        return args.handler(args)
     except SafepruneError as error:
         print(f"safeprune: error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,2 @@
+"""The built-in toy world: procedural images of shapes in fictional artists' styles, a teacher and a judge
+trained on it, so that concept leakage and erasure can be seen and measured on a CPU in minutes."""
