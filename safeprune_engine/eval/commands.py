@@ -1,0 +1,5 @@
+"""`safeprune eval` (filled in with the evaluation module)."""
+
+
+def register(subparsers) -> None:
+    pass
