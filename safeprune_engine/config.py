@@ -68,7 +68,7 @@ class RunConfig:
     esd_ddim_steps: int = 20
     esd_guidance: float = 3.0
 
-    checkpoint_every: int = 0  # 0 = only at the end
+    checkpoint_every: int = 500  # 0 = only at the end
     keep_checkpoints: int = 2
     resume: str | None = None  # "latest" or a checkpoint directory
     log_every: int = 10
