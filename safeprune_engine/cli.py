@@ -18,6 +18,7 @@ RUN_FLAGS = {
     "data": (str, "image folder with metadata.jsonl lines {\"file_name\", \"text\"}"),
     "erase": (str, "concept prompt to suppress; repeat for several"),
     "erase_data": (str, "image folder of concept images (default: the teacher's own sampling trajectories)"),
+    "erase_prompts": (str, "a prompt whose teacher trajectories feed the upper level (repeatable; default: --erase)"),
     "anchor": (str, "anchor for the concept: empty | strip | any text"),
     "prune_ratio": (float, "fraction of internal width units removed, in (0, 1)"),
     "target_macs": (float, "prune to this fraction of the teacher's MACs instead of a fixed ratio"),
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="YAML (or JSON) file whose keys are these flags' names")
     run.add_argument("--out", help="run directory (default runs/default)")
     for name, (kind, text) in RUN_FLAGS.items():
-        if name == "erase":
+        if name in ("erase", "erase_prompts"):
             run.add_argument(flag(name), action="append", default=None, help=text)
         else:
             run.add_argument(flag(name), type=kind, default=None, help=text)

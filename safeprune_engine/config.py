@@ -20,7 +20,7 @@ ERASE_METHODS = ("esd-u", "esd-x")
 
 # Fields that define *what* a run computes. A run directory refuses to continue under different values.
 IDENTITY_FIELDS = (
-    "teacher", "data", "erase", "erase_data", "anchor", "prune_ratio", "target_macs", "prune_importance",
+    "teacher", "data", "erase", "erase_data", "erase_prompts", "anchor", "prune_ratio", "target_macs", "prune_importance",
     "method", "batch_size", "concept_batch_size", "resolution", "lr", "lr_upper", "seed", "mixed_precision",
     "w_diff", "w_out", "w_feat", "snr_gamma", "erase_method", "eta", "bilevel_lambda", "bilevel_inner_steps",
     "upper_every", "two_stage_erase_steps", "esd_pool_size", "esd_ddim_steps", "esd_guidance",
@@ -36,6 +36,9 @@ class RunConfig:
     data: str | None = None  # imagefolder with metadata.jsonl; None = built-in default data
     erase: list[str] = field(default_factory=list)  # concept prompts to suppress
     erase_data: str | None = None  # imagefolder of concept images; None = teacher's own trajectories
+    # prompts whose trajectories feed the upper level when there are no concept images (default: --erase
+    # itself); e.g. full captions "a red circle by X" with --anchor strip keep the object and drop the style
+    erase_prompts: list[str] = field(default_factory=list)
     anchor: str = "empty"  # "empty" | "strip" (caption minus concept) | any other text = that prompt
 
     prune_ratio: float | None = 0.5
@@ -94,8 +97,9 @@ class RunConfig:
         version = normalised.get("version", CONFIG_VERSION)
         if version > CONFIG_VERSION:
             raise SafepruneError(f"config version {version} is newer than this safeprune-engine ({CONFIG_VERSION})")
-        if isinstance(normalised.get("erase"), str):
-            normalised["erase"] = [normalised["erase"]]
+        for key in ("erase", "erase_prompts"):
+            if isinstance(normalised.get(key), str):
+                normalised[key] = [normalised[key]]
         return cls(**normalised)
 
     @classmethod
@@ -151,6 +155,9 @@ class RunConfig:
         for concept in self.erase:
             if not isinstance(concept, str) or not concept.strip():
                 raise SafepruneError("an --erase concept is empty; give the text of the concept to suppress")
+        for prompt in self.erase_prompts:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise SafepruneError("an --erase-prompts entry is empty")
         if self.method != "distill-only" and not self.erase:
             raise SafepruneError(f"method {self.method!r} erases concepts: give at least one --erase TEXT")
         if self.target_macs is not None:

@@ -121,12 +121,13 @@ def make_concept_source(config: RunConfig, teacher, cache_dir: Path, latent_size
         anchors = [anchor_prompt(c, config.erase, config.anchor) for c in cache.captions]
         anchor_emb = encode_prompts(teacher, anchors)
         return ImageConceptSource(cache.to(device), anchor_emb.to(device), teacher.noise_scheduler())
-    concept_emb = encode_prompts(teacher, list(config.erase))
-    anchor_emb = encode_prompts(teacher, [anchor_prompt(c, config.erase, config.anchor) for c in config.erase])
+    prompts = list(config.erase_prompts or config.erase)
+    concept_emb = encode_prompts(teacher, prompts)
+    anchor_emb = encode_prompts(teacher, [anchor_prompt(p, config.erase, config.anchor) for p in prompts])
     uncond = encode_prompts(teacher, [""])
     settings = dict(pool=config.esd_pool_size, ddim=config.esd_ddim_steps, guidance=config.esd_guidance,
                     size=latent_size, seed=config.seed)
-    fingerprint = trajectory_pool_fingerprint(teacher.fingerprint("unet"), list(config.erase), **settings)
+    fingerprint = trajectory_pool_fingerprint(teacher.fingerprint("unet"), prompts, **settings)
     latent_shape = (teacher.unet.config.in_channels, latent_size, latent_size)
     pool = load_or_sample_trajectory_pool(
         cache_dir,

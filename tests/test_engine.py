@@ -232,3 +232,14 @@ def test_feature_projections_when_student_block_widths_differ(tmp_path):
     before = {n: p.detach().clone() for n, p in engine.projections.named_parameters()}
     solver.step(0)
     assert all(not torch.equal(before[n], p) for n, p in engine.projections.named_parameters())
+
+
+def test_trajectory_prompts_with_stripped_anchor(tmp_path):
+    from safeprune_engine.data.cache import encode_prompts
+
+    prompts = ["a red square by monet", "a blue square by Monet"]
+    engine, _, teacher = make_engine(tmp_path, erase_prompts=prompts, anchor="strip", esd_pool_size=2)
+    pool = engine.concepts
+    assert sorted(pool.concept_index.tolist()) == [0, 0, 1, 1]  # esd_pool_size trajectories per prompt
+    torch.testing.assert_close(pool.concept_emb, encode_prompts(teacher, prompts))
+    torch.testing.assert_close(pool.anchor_emb, encode_prompts(teacher, ["a red square", "a blue square"]))
