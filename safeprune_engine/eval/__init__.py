@@ -1,1 +1,45 @@
-"""Evaluation: sample a model on prompt sets and measure concepts, content and quality with a judge."""
+"""Evaluation: sample a model on prompt sets and measure concepts, content and quality with a judge.
+
+    from safeprune_engine.eval import evaluate, toy_prompts
+    result = evaluate("runs/default/pipeline", toy_prompts(), judge="toy", reference="toy-teacher/")
+    print(result.table())
+
+The import stays light (``safeprune eval`` builds its parser from here): names resolve on first use.
+"""
+from importlib import import_module
+
+# public name -> module that defines it
+_LAZY = {
+    "evaluate": "safeprune_engine.eval.runner",
+    "EvalResult": "safeprune_engine.eval.runner",
+    "ModelEval": "safeprune_engine.eval.runner",
+    "PipelineSampler": "safeprune_engine.eval.runner",
+    "PromptSpec": "safeprune_engine.eval.prompts",
+    "load_prompts": "safeprune_engine.eval.prompts",
+    "save_prompts": "safeprune_engine.eval.prompts",
+    "toy_prompts": "safeprune_engine.eval.prompts",
+    "toy_prompt_file": "safeprune_engine.eval.prompts",
+    "Judge": "safeprune_engine.eval.judges",
+    "ClassifierJudge": "safeprune_engine.eval.judges",
+    "Prediction": "safeprune_engine.eval.judges",
+    "JUDGES": "safeprune_engine.eval.judges",
+    "resolve_judge": "safeprune_engine.eval.judges",
+    "load_torch_judge": "safeprune_engine.eval.judges",
+    "save_torch_judge": "safeprune_engine.eval.judges",
+    "frechet_distance": "safeprune_engine.eval.metrics",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'safeprune_engine.eval' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

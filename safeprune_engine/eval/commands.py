@@ -1,5 +1,93 @@
-"""`safeprune eval` (filled in with the evaluation module)."""
+"""`safeprune eval`: sample a model (and a reference) on a prompt set with fixed seeds and measure it.
+
+    safeprune eval --model DIR [--reference DIR] [--prompts FILE] [--judge toy|PATH|clip:PATH|csd:PATH|nudenet:PATH]
+                   [--samples-per-prompt N] [--steps N] [--guidance G] [--seed S] [--out FILE.json] [--grids DIR]
+                   [--size N] [--batch-size N] [--device DEV] [--threads N]
+
+Nothing heavy is imported here (the parser is built on every `safeprune` call): the handler imports torch.
+"""
+from __future__ import annotations
+
+EVAL_HELP = "measure erased-concept rate, content, neighbour and unrelated accuracy, FD, size and speed"
 
 
 def register(subparsers) -> None:
-    pass
+    parser = subparsers.add_parser("eval", help=EVAL_HELP, description=EVAL_HELP + " of a pipeline.")
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="pipeline directory to evaluate (e.g. RUN/pipeline)")
+    parser.add_argument("--reference", default=None, metavar="DIR",
+                        help="pipeline directory to report side by side (the teacher)")
+    parser.add_argument("--prompts", default=None, metavar="FILE",
+                        help="prompt file: JSON list or JSONL of {\"prompt\", \"set\", labels...} "
+                             "(default: the built-in toy prompt set)")
+    parser.add_argument("--judge", default="toy", metavar="SPEC",
+                        help="toy (default) | DIR of a torch classifier | clip:DIR | csd:DIR | nudenet:PATH")
+    parser.add_argument("--samples-per-prompt", type=int, default=4, help="images per prompt (seeds S..S+N-1)")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="first seed; the same seeds for every model")
+    parser.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per pipeline call")
+    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own setting)")
+    parser.add_argument("--out", default=None, metavar="FILE.json", help="write the metrics as JSON here")
+    parser.add_argument("--grids", default=None, metavar="DIR",
+                        help="write one image grid per model and prompt set here")
+    parser.set_defaults(handler=command_eval)
+
+
+def _check_pipeline_dir(path: str, flag: str) -> None:
+    from pathlib import Path
+
+    from ..errors import SafepruneError
+
+    root = Path(path)
+    if not root.exists():
+        raise SafepruneError(f"{flag} {path} does not exist")
+    if not (root / "model_index.json").is_file():
+        raise SafepruneError(f"{flag} {path} is not a pipeline directory (no model_index.json)")
+
+
+def command_eval(args) -> int:
+    import logging
+
+    from ..errors import SafepruneError
+    from .judges import resolve_judge
+    from .prompts import load_prompts, toy_prompts
+    from .runner import DEFAULT_GUIDANCE, evaluate
+
+    # every input is checked before anything is loaded or sampled
+    _check_pipeline_dir(args.model, "--model")
+    if args.reference is not None:
+        _check_pipeline_dir(args.reference, "--reference")
+    for name in ("samples_per_prompt", "steps", "batch_size", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise SafepruneError(f"--{name.replace('_', '-')} must be >= 1")
+    prompts = load_prompts(args.prompts) if args.prompts is not None else toy_prompts()
+    judge = resolve_judge(args.judge)
+
+    import torch
+
+    from ..models.export import load_pipeline
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_pipeline(args.model, device=device)
+    reference = load_pipeline(args.reference, device=device) if args.reference is not None else None
+    logging.getLogger(__name__).info("evaluating %d prompts x %d samples with the %s judge", len(prompts),
+                                     args.samples_per_prompt, judge.name)
+    result = evaluate(model, prompts, judge=judge, samples_per_prompt=args.samples_per_prompt, steps=args.steps,
+                      guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance, seed=args.seed,
+                      reference=reference, size=args.size, batch_size=args.batch_size)
+    result.model.name = args.model
+    if result.reference is not None:
+        result.reference.name = args.reference
+    print(result.table())
+    if args.out:
+        print(f"wrote {result.save_json(args.out)}")
+    if args.grids:
+        files = result.save_grids(args.grids)
+        print(f"wrote {len(files)} grids to {args.grids}")
+    return 0
