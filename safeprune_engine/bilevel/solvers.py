@@ -2,8 +2,9 @@
 
 - bilevel: the paper's first-order penalty form of  min L_cu(θ) s.t. θ ∈ argmin L_ft. Each outer iteration
   is K inner steps on L_ft followed by one penalised step on L_cu(θ) + λ·(L_ft(θ) − v), where v is a tracked
-  estimate of min L_ft (the value function; it has no θ-gradient, so it is tracked, not optimised). The outer
-  gradient is divided by (1 + λ) so its scale matches an inner step's.
+  estimate of min L_ft (the value function; it has no θ-gradient, so it is tracked, not optimised). Inner and
+  outer steps keep separate AdamW states (lr and lr_upper): in one shared state the second moments are set by
+  the far more frequent inner gradients and the outer step's L_cu direction would be normalised away.
 - alternating: the public reference code. An AdamW step on L_ft every iteration and, every N-th iteration,
   a second AdamW (its own learning rate) step on L_cu over the same weights.
 - two-stage: the baseline. Distill for S steps, then erase for E steps with ESD whose frozen reference is
@@ -141,6 +142,7 @@ class Bilevel(Solver):
     def __init__(self, engine, config):
         super().__init__(engine, config)
         self.optimizers["lower"] = make_adamw(engine.lower_parameters(), config.lr)
+        self.optimizers["outer"] = make_adamw(engine.lower_parameters(), config.effective_lr_upper)
         self.value_estimate: float | None = None  # tracked min L_ft (the value function)
         self.ema_lower: float | None = None
 
@@ -165,11 +167,10 @@ class Bilevel(Solver):
             self.finish_step()
             self.track_value(as_float(lower.total))
             return self.scalars(lower, value_estimate=self.value_estimate)
-        scale = 1.0 / (1.0 + lam)
-        self.backward(lower.total * (lam * scale))
+        self.backward(lower.total * lam)
         upper = self.engine.upper_loss(concept, teacher)
-        self.accumulate(upper, self.engine.upper_parameters(), scale=scale)
-        self.optimizer_step("lower")
+        self.accumulate(upper, self.engine.upper_parameters())
+        self.optimizer_step("outer")
         self.finish_step()
         value = self.value_estimate if self.value_estimate is not None else as_float(lower.total)
         gap = as_float(lower.total) - value
