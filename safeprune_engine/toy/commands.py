@@ -67,8 +67,8 @@ def add_build_teacher(toy_sub) -> None:
     parser.add_argument("--out", required=True,
                         help="output pipeline directory (the shipped one is safeprune_engine/toy/assets/teacher)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the initialisation and every step")
-    parser.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (default 3000)")
-    parser.add_argument("--unet-steps", type=int, default=None, help="UNet training steps (default 5000)")
+    parser.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (default 1200)")
+    parser.add_argument("--unet-steps", type=int, default=None, help="UNet training steps (default 4000)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own setting)")
     parser.add_argument("--no-eval", action="store_true", help="skip the judge's quality check at the end")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
