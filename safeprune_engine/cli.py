@@ -46,6 +46,7 @@ RUN_FLAGS = {
     "esd_pool_size": (int, "trajectory latents per concept when no --erase-data"),
     "esd_ddim_steps": (int, "DDIM steps of the trajectory sampler"),
     "esd_guidance": (float, "guidance scale of the trajectory sampler"),
+    "cache_dir": (str, "where encoded latents, captions and trajectories are cached (default OUT/cache)"),
     "checkpoint_every": (int, "save a checkpoint every N steps (0: only at the end)"),
     "keep_checkpoints": (int, "checkpoints to keep"),
     "resume": (str, "latest | CHECKPOINT_DIR"),
@@ -112,6 +113,12 @@ def command_run(args) -> int:
     from .api import train
 
     config = run_config_from_args(args)
+    if config.teacher is None:
+        # the built-in default: the toy world, one student per method, evaluated and reported
+        from .toy.default_run import METHODS, run_default
+
+        run_default(config, methods=(args.method,) if args.method else METHODS)
+        return 0
     result = train(config)
     print(f"done: {result.steps_run} steps; student pipeline at {result.pipeline_dir}")
     report = result.prune_report

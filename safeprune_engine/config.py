@@ -71,6 +71,7 @@ class RunConfig:
     esd_ddim_steps: int = 20
     esd_guidance: float = 3.0
 
+    cache_dir: str | None = None  # latent / caption / trajectory cache; None = OUT/cache (fingerprinted, shareable)
     checkpoint_every: int = 500  # 0 = only at the end
     keep_checkpoints: int = 2
     resume: str | None = None  # "latest" or a checkpoint directory

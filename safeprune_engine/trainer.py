@@ -19,12 +19,6 @@ from .errors import SafepruneError
 
 log = logging.getLogger("safeprune_engine")
 
-BUILTIN_CONCEPT = "by monet"
-BUILTIN_CAPTIONS = [f"a {c} square" for c in ("red", "green", "blue", "yellow")] + [
-    f"a {c} square on a dark background" for c in ("red", "green", "blue", "yellow")
-]
-
-
 @dataclass
 class TrainResult:
     out_dir: Path
@@ -67,29 +61,19 @@ def check_run_dir(config: RunConfig) -> None:
 
 
 def with_builtin_defaults(config: RunConfig, need_teacher: bool = True) -> RunConfig:
-    """Fill in the built-in teacher / data / concept where none was given (paths inside the run dir)."""
-    base = Path(config.out) / "builtin"
-    changes = {}
-    if config.teacher is None and need_teacher:
-        changes["teacher"] = str(base / "teacher")
-    if config.data is None:
-        changes["data"] = str(base / "data")
-    if config.teacher is None and need_teacher and not config.erase and config.method != "distill-only":
-        changes["erase"] = [BUILTIN_CONCEPT]
-    return config.replace(**changes)
+    """No --teacher: the built-in toy world (shipped teacher, fine-tuning split rendered into the run dir)."""
+    if config.teacher is not None or not need_teacher:
+        return config
+    from .toy.default_run import toy_defaults
+
+    log.info("no --teacher given: using the built-in toy world (shipped toy teacher, erasing its 'Vexa' style)")
+    return toy_defaults(config)
 
 
 def materialize_builtin(config: RunConfig) -> None:
-    """Until the toy world lands: a tiny random offline pipeline and a small synthetic image folder."""
-    from .testing import save_tiny_pipeline, write_image_folder
+    from .toy.default_run import materialize_toy_data
 
-    base = Path(config.out) / "builtin"
-    if config.teacher == str(base / "teacher") and not (base / "teacher" / "model_index.json").is_file():
-        log.warning("no --teacher given: using a tiny random offline pipeline (the built-in default world "
-                    "is not shipped yet)")
-        save_tiny_pipeline(base / "teacher", seed=0)
-    if config.data == str(base / "data") and not (base / "data" / "metadata.jsonl").is_file():
-        write_image_folder(base / "data", BUILTIN_CAPTIONS * 4, size=16, seed=0)
+    materialize_toy_data(config)
 
 
 # ---- building blocks -----------------------------------------------------------------------------------
@@ -201,6 +185,8 @@ def train(config: RunConfig, teacher=None, student=None) -> TrainResult:
     from .prune.width import prune
 
     config = with_builtin_defaults(config, need_teacher=teacher is None)
+    if config.data is None:
+        raise SafepruneError("--data is required with --teacher: an image folder with metadata.jsonl")
     config.validate()
     check_run_dir(config)
     materialize_builtin(config)
@@ -253,7 +239,8 @@ def train(config: RunConfig, teacher=None, student=None) -> TrainResult:
     (out / "run_config.json").write_text(identity_config.to_json())
     (out / "prune_report.json").write_text(json.dumps(prune_report, indent=2))
 
-    engine = build_engine(config, teacher, student, data_folder, out / "cache", latent_size, device, progress)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else out / "cache"
+    engine = build_engine(config, teacher, student, data_folder, cache_dir, latent_size, device, progress)
     solver = build_solver(engine, config)
     projections = engine.projections
     teacher_unet = engine.teacher

@@ -1,0 +1,260 @@
+"""The built-in default job (`make run`): prune the shipped toy teacher, train three students with the same
+budget (distill-only, two-stage, bilevel), evaluate all of them against the teacher, and write a report.
+
+The fine-tuning data is the toy world without the erased style, so whatever "by Vexa" the distilled student
+still draws, it learned from the teacher, which is the leak the paper is about.
+"""
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..config import RunConfig
+from .world import (COLOURS, ERASED_STYLE, NEIGHBOUR_STYLE, SHAPES, caption_for, concept_prompt, finetune_styles,
+                    sample_items, write_split)
+
+log = logging.getLogger("safeprune_engine")
+
+METHODS = ("distill-only", "two-stage", "bilevel")
+FINETUNE_IMAGES = 512
+DATA_SEED = 1234
+# Training settings of the toy default, used wherever the user kept RunConfig's (SD-scale) default. Chosen on
+# the toy world so that three students train in a few minutes on 2 CPU cores.
+TOY_TRAINING = dict(steps=600, batch_size=8, lr=1e-4, lr_upper=1e-4, target_macs=0.5, bilevel_lambda=1.0,
+                    bilevel_inner_steps=4, esd_pool_size=8, checkpoint_every=200, log_every=20)
+
+
+def toy_defaults(config: RunConfig) -> RunConfig:
+    """The toy world's settings for whatever the user left at its default (paths inside the run dir)."""
+    from .teacher import toy_teacher_path
+
+    base = Path(config.out) / "builtin"
+    stock = RunConfig()
+    changes = {k: v for k, v in TOY_TRAINING.items() if getattr(config, k) == getattr(stock, k)}
+    if "target_macs" in changes and config.prune_ratio != stock.prune_ratio:
+        del changes["target_macs"]  # the user asked for a ratio
+    changes["teacher"] = str(toy_teacher_path())
+    if config.data is None:
+        changes["data"] = str(base / "data")
+    if not config.erase:
+        changes["erase"] = [concept_prompt(ERASED_STYLE)]
+        if not config.erase_prompts:
+            # full captions: the anchor (caption minus "by Vexa") keeps the object and drops only the style
+            changes["erase_prompts"] = [caption_for(s, c, ERASED_STYLE) for s in SHAPES for c in COLOURS]
+            changes["anchor"] = "strip"
+    return config.replace(**changes)
+
+
+def materialize_toy_data(config: RunConfig) -> None:
+    """Render the fine-tuning split (no image of the erased style) into the run dir, once."""
+    data = Path(config.data)
+    if data == Path(config.out) / "builtin" / "data" and not (data / "metadata.jsonl").is_file():
+        write_split(data, sample_items(FINETUNE_IMAGES, seed=DATA_SEED, styles=finetune_styles(ERASED_STYLE)))
+
+
+def _finished(run_dir: Path, steps: int) -> bool:
+    summary = run_dir / "summary.json"
+    return summary.is_file() and json.loads(summary.read_text()).get("steps") == steps and (
+        run_dir / "pipeline" / "model_index.json").is_file()
+
+
+def run_default(config: RunConfig, methods: tuple[str, ...] = METHODS, eval_samples: int = 2,
+                eval_steps: int = 20) -> dict:
+    """Train one student per method from the same pruned init, evaluate each and the teacher, write reports.
+
+    A rerun of the same command continues where it stopped: finished students are reused, an interrupted one
+    resumes from its last checkpoint.
+    """
+    from ..checkpoint import list_checkpoints
+    from ..eval.prompts import toy_prompts
+    from ..eval.runner import evaluate
+    from ..models.teacher import load_teacher
+    from ..prune.width import prune
+    from ..trainer import train
+
+    out = Path(config.out)
+    config = toy_defaults(config)
+    config.validate()
+    materialize_toy_data(config)
+    teacher = load_teacher(config.teacher)
+    started = time.perf_counter()
+    student, report = prune(teacher.unet, ratio=None if config.target_macs else config.prune_ratio,
+                            target_macs=config.target_macs, importance=config.prune_importance)
+    print(report.summary(), flush=True)
+
+    runs: dict[str, Path] = {}
+    for index, method in enumerate(methods, 1):
+        run_dir = out / method
+        print(f"[{index}/{len(methods) + 1}] training the {method} student ({config.steps} steps)", flush=True)
+        if _finished(run_dir, config.steps):
+            print(f"  already trained: {run_dir}", flush=True)
+        else:
+            resume = "latest" if list_checkpoints(run_dir) else None
+            # one cache for all students: the data and the concept trajectories are encoded once
+            cache_dir = config.cache_dir or str(out / "cache")
+            train(config.replace(method=method, out=str(run_dir), resume=resume, cache_dir=cache_dir),
+                  teacher=teacher, student=copy.deepcopy(student))
+        runs[method] = run_dir / "pipeline"
+    training_seconds = time.perf_counter() - started
+
+    print(f"[{len(methods) + 1}/{len(methods) + 1}] evaluating the teacher and {len(methods)} students", flush=True)
+    prompts = toy_prompts()
+    evaluations = {"teacher": evaluate(config.teacher, prompts, judge="toy", samples_per_prompt=eval_samples,
+                                       steps=eval_steps, seed=config.seed)}
+    for method, pipeline_dir in runs.items():
+        evaluations[method] = evaluate(pipeline_dir, prompts, judge="toy", samples_per_prompt=eval_samples,
+                                       steps=eval_steps, seed=config.seed)
+    metrics = {
+        "settings": {"steps": config.steps, "batch_size": config.batch_size, "lr": config.lr,
+                     "prune": report.to_dict(), "erase": config.erase, "anchor": config.anchor,
+                     "methods": list(methods), "eval": evaluations["teacher"].settings,
+                     "training_seconds": training_seconds,
+                     "total_seconds": time.perf_counter() - started},
+        "models": {name: result.model.to_dict() for name, result in evaluations.items()},
+    }
+    for result in metrics["models"].values():
+        result.pop("judged", None)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_reports(out, evaluations, metrics)
+    print(markdown_table(evaluations), flush=True)
+    print(f"report: {out / 'report.html'} (also report.md, metrics.json)", flush=True)
+    return metrics
+
+
+# ---- reports -------------------------------------------------------------------------------------------------
+ROWS = (
+    ("erased_rate", f"'{ERASED_STYLE}' style rate under erased prompts (lower = erased)"),
+    ("erased_content_accuracy", "content accuracy under erased prompts (object still drawn)"),
+    ("neighbour_rate", f"neighbour style '{NEIGHBOUR_STYLE}' rate (keep high)"),
+    ("unrelated_accuracy", "accuracy on unrelated prompts"),
+    ("fd_retained", "Frechet distance to real images, non-erased prompts"),
+)
+
+
+def markdown_table(evaluations: dict) -> str:
+    names = list(evaluations)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key, text in ROWS:
+        cells = []
+        for name in names:
+            value = evaluations[name].model.metrics.get(key)
+            cells.append("-" if value is None else f"{value:.3f}")
+        lines.append(f"| {text} | " + " | ".join(cells) + " |")
+    for key, text, fmt in (("params", "UNet params", "{:,}"), ("unet_macs", "UNet MACs / forward", "{:,}"),
+                           ("latency_s_per_image", "sampling latency (s / image)", "{:.4f}")):
+        cells = [fmt.format(getattr(evaluations[n].model, key)) if getattr(evaluations[n].model, key) is not None
+                 else "-" for n in names]
+        lines.append(f"| {text} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict(evaluations: dict) -> list[str]:
+    """Plain sentences read off the numbers (not asserted): leak, erasure and what was kept."""
+    get = lambda name, key: evaluations[name].model.metrics.get(key) if name in evaluations else None  # noqa: E731
+    lines = []
+    teacher_rate = get("teacher", "erased_rate")
+    for name in METHODS:
+        rate = get(name, "erased_rate")
+        if rate is None or teacher_rate is None:
+            continue
+        kept = rate / teacher_rate if teacher_rate else float("nan")
+        lines.append(f"{name}: draws the erased style in {rate:.0%} of erased-prompt samples "
+                     f"({kept:.0%} of the teacher's {teacher_rate:.0%}); content accuracy "
+                     f"{get(name, 'erased_content_accuracy'):.0%}, neighbour style kept in "
+                     f"{get(name, 'neighbour_rate'):.0%}, unrelated accuracy {get(name, 'unrelated_accuracy'):.0%}.")
+    return lines
+
+
+def comparison_grid(evaluations: dict, set_name: str, max_prompts: int = 8) -> np.ndarray:
+    """uint8 grid: a row per prompt; column blocks teacher | students, each block the same seeds."""
+    first = next(iter(evaluations.values()))
+    prompts = [p.prompt for p in first.prompts if p.set == set_name][:max_prompts]
+    blocks = []
+    for result in evaluations.values():
+        rows = [np.concatenate(list(result.model.images[p]), axis=1) for p in prompts]
+        blocks.append(np.concatenate(rows, axis=0))
+    gap = np.full((blocks[0].shape[0], 4, 3), 255, np.uint8)
+    grid = blocks[0]
+    for block in blocks[1:]:
+        grid = np.concatenate([grid, gap, block], axis=1)
+    return np.concatenate([_labels(list(evaluations), blocks[0].shape[1], 4), grid], axis=0)
+
+
+def _labels(names: list[str], block_width: int, gap: int, height: int = 12) -> np.ndarray:
+    """A white strip with each column block's name, drawn with PIL's built-in bitmap font."""
+    from PIL import Image, ImageDraw
+
+    width = len(names) * block_width + (len(names) - 1) * gap
+    strip = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for i, name in enumerate(names):
+        draw.text((i * (block_width + gap) + 1, 0), name, fill=(0, 0, 0))
+    return np.asarray(strip)
+
+
+def _png(image: np.ndarray, scale: int = 3) -> bytes:
+    from PIL import Image
+
+    picture = Image.fromarray(image)
+    picture = picture.resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_reports(out: Path, evaluations: dict, metrics: dict) -> None:
+    first = next(iter(evaluations.values()))
+    sets = list(dict.fromkeys(p.set for p in first.prompts))
+    grids_dir = out / "grids"
+    grids_dir.mkdir(parents=True, exist_ok=True)
+    pngs = {}
+    for set_name in sets:
+        pngs[set_name] = _png(comparison_grid(evaluations, set_name))
+        (grids_dir / f"{set_name}.png").write_bytes(pngs[set_name])
+    columns = " | ".join(evaluations)
+    settings = metrics["settings"]
+    intro = (f"Teacher pruned to {settings['prune']['macs_after'] / settings['prune']['macs_before']:.0%} of its MACs; "
+             f"each student trained {settings['steps']} steps at batch {settings['batch_size']} on a fine-tuning "
+             f"split with no '{ERASED_STYLE}' image; erased concept {settings['erase']}. Training took "
+             f"{settings['training_seconds']:.0f} s, the whole run {settings['total_seconds']:.0f} s.")
+    md = ["# safeprune-engine default run: concept leakage and erasure in the toy world", "", intro, "",
+          markdown_table(evaluations), "", *[f"- {line}" for line in verdict(evaluations)], ""]
+    for set_name in sets:
+        md += [f"## {set_name} prompts", f"Columns: {columns} (same prompts and seeds in every block).", "",
+               f"![{set_name}](grids/{set_name}.png)", ""]
+    (out / "report.md").write_text("\n".join(md))
+
+    def html_table() -> str:
+        names = list(evaluations)
+        head = "".join(f"<th>{n}</th>" for n in names)
+        body = []
+        for key, text in ROWS:
+            cells = "".join(
+                f"<td>{'-' if evaluations[n].model.metrics.get(key) is None else f'{evaluations[n].model.metrics[key]:.3f}'}</td>"
+                for n in names)
+            body.append(f"<tr><td>{text}</td>{cells}</tr>")
+        for key, text in (("params", "UNet params"), ("unet_macs", "UNet MACs / forward")):
+            cells = "".join(f"<td>{getattr(evaluations[n].model, key):,}</td>" for n in names)
+            body.append(f"<tr><td>{text}</td>{cells}</tr>")
+        return f"<table><tr><th>metric</th>{head}</tr>{''.join(body)}</table>"
+
+    sections = []
+    for set_name in sets:
+        encoded = base64.b64encode(pngs[set_name]).decode()
+        sections.append(f"<h2>{set_name} prompts</h2><p>Columns: {columns} (same prompts and seeds).</p>"
+                        f"<img alt='{set_name}' src='data:image/png;base64,{encoded}'>")
+    html = ("<!doctype html><html><head><meta charset='utf-8'><title>safeprune-engine default run</title>"
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
+            "img{image-rendering:pixelated;max-width:100%}</style></head><body>"
+            "<h1>Concept leakage and erasure in the toy world</h1>"
+            f"<p>{intro}</p>{html_table()}<ul>{''.join(f'<li>{v}</li>' for v in verdict(evaluations))}</ul>"
+            f"{''.join(sections)}</body></html>")
+    (out / "report.html").write_text(html)

@@ -1,0 +1,48 @@
+"""The built-in default job on the shipped toy teacher: a short run writes every report section; the slow
+variant (full default budget) checks the effect the paper claims, measured by the judge."""
+import json
+
+import pytest
+
+from safeprune_engine.config import RunConfig
+from safeprune_engine.toy.default_run import METHODS, run_default
+
+
+def test_short_default_run_writes_every_report_section(tmp_path):
+    out = tmp_path / "default"
+    config = RunConfig(out=str(out), steps=4, progress=False, esd_pool_size=2, esd_ddim_steps=3,
+                       checkpoint_every=2)
+    metrics = run_default(config, eval_samples=1, eval_steps=2)
+    assert set(metrics["models"]) == {"teacher", *METHODS}
+    for name, model in metrics["models"].items():
+        for key in ("erased_rate", "erased_content_accuracy", "neighbour_rate", "unrelated_accuracy", "fd"):
+            assert model["metrics"][key] is not None, (name, key)
+    students = [metrics["models"][m] for m in METHODS]
+    assert all(s["params"] < metrics["models"]["teacher"]["params"] for s in students)
+    assert json.loads((out / "metrics.json").read_text())["settings"]["steps"] == 4
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3  # erased, neighbour and unrelated grids inline
+    for method in METHODS:
+        assert method in html
+        assert (out / method / "pipeline" / "model_index.json").is_file()
+    markdown = (out / "report.md").read_text()
+    assert "| metric | teacher | distill-only | two-stage | bilevel |" in markdown
+    assert all((out / "grids" / f"{s}.png").is_file() for s in ("erased", "neighbour", "unrelated"))
+    # the fine-tuning split really has no image of the erased style
+    captions = [json.loads(line)["text"] for line in (out / "builtin" / "data" / "metadata.jsonl").open()]
+    assert captions and not any("Vexa" in c for c in captions)
+    # a rerun reuses the finished students instead of training them again
+    before = (out / "bilevel" / "summary.json").stat().st_mtime_ns
+    run_default(config, eval_samples=1, eval_steps=2)
+    assert (out / "bilevel" / "summary.json").stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_default_run_shows_leak_and_erasure(tmp_path):
+    metrics = run_default(RunConfig(out=str(tmp_path / "default"), progress=False), eval_samples=2)
+    rate = {name: m["metrics"]["erased_rate"] for name, m in metrics["models"].items()}
+    content = {name: m["metrics"]["erased_content_accuracy"] for name, m in metrics["models"].items()}
+    assert rate["teacher"] > 0.8
+    assert rate["distill-only"] > 0.5 * rate["teacher"]  # distillation leaks the concept
+    assert rate["bilevel"] < 0.5 * rate["distill-only"]  # the bilevel student erases it
+    assert content["bilevel"] > content["distill-only"] - 0.2  # ... and still draws the object
