@@ -52,11 +52,11 @@ def toy_defaults(config: RunConfig) -> RunConfig:
     return config.replace(**changes)
 
 
-def materialize_toy_data(config: RunConfig) -> None:
+def materialize_toy_data(config: RunConfig, images: int = FINETUNE_IMAGES) -> None:
     """Render the fine-tuning split (no image of the erased style) into the run dir, once."""
     data = Path(config.data)
     if data == Path(config.out) / "builtin" / "data" and not (data / "metadata.jsonl").is_file():
-        write_split(data, sample_items(FINETUNE_IMAGES, seed=DATA_SEED, styles=finetune_styles(ERASED_STYLE)))
+        write_split(data, sample_items(images, seed=DATA_SEED, styles=finetune_styles(ERASED_STYLE)))
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
@@ -66,7 +66,7 @@ def _finished(run_dir: Path, steps: int) -> bool:
 
 
 def run_default(config: RunConfig, methods: tuple[str, ...] = METHODS, eval_samples: int = 2,
-                eval_steps: int = 20) -> dict:
+                eval_steps: int = 20, finetune_images: int = FINETUNE_IMAGES) -> dict:
     """Train one student per method from the same pruned init, evaluate each and the teacher, write reports.
 
     A rerun of the same command continues where it stopped: finished students are reused, an interrupted one
@@ -82,7 +82,7 @@ def run_default(config: RunConfig, methods: tuple[str, ...] = METHODS, eval_samp
     out = Path(config.out)
     config = toy_defaults(config)
     config.validate()
-    materialize_toy_data(config)
+    materialize_toy_data(config, finetune_images)
     teacher = load_teacher(config.teacher)
     started = time.perf_counter()
     student, report = prune(teacher.unet, ratio=None if config.target_macs else config.prune_ratio,
