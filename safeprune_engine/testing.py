@@ -72,7 +72,7 @@ def tiny_unet(seed: int = 0, **overrides):
 
 def tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon", unet_overrides: dict | None = None):
     """A StableDiffusionPipeline with random tiny components: 16 px images <-> 8 px latents."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from diffusers import AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -112,16 +112,9 @@ def tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon", unet_override
         steps_offset=1,
         prediction_type=prediction_type,
     )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    from .models.export import assemble_pipeline
+
+    return assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
 
 
 def save_tiny_pipeline(path: str | os.PathLike, **kwargs) -> Path:

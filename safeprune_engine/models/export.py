@@ -13,6 +13,15 @@ from pathlib import Path
 import torch
 
 
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
+    """A StableDiffusionPipeline from its five components, with no safety checker or feature extractor."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
 def export_pipeline(teacher, student, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Write teacher's VAE, text encoder, tokenizer and scheduler with `student` as the UNet (safetensors).
 
@@ -20,21 +29,10 @@ def export_pipeline(teacher, student, out_dir: str | os.PathLike, dtype: torch.d
     """
     import copy
 
-    from diffusers import StableDiffusionPipeline
-
     unet = copy.deepcopy(student).cpu()
     if dtype is not None:
         unet = unet.to(dtype)
-    pipe = StableDiffusionPipeline(
-        vae=teacher.vae,
-        text_encoder=teacher.text_encoder,
-        tokenizer=teacher.tokenizer,
-        unet=unet,
-        scheduler=teacher.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(teacher.vae, teacher.text_encoder, teacher.tokenizer, unet, teacher.scheduler)
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir

@@ -157,21 +157,6 @@ def build_components(seed: int = 0):
     return vae, text_encoder, tokenizer, unet, DDIMScheduler(**scheduler_config())
 
 
-def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
 # ---------------------------------------------------------------------------------------------- helpers
 
 
@@ -588,6 +573,8 @@ def build_teacher(
     with torch.no_grad():
         recon = vae.decode(latents[0][:512]).sample
     vae_info["eval_mse"] = float(torch.nn.functional.mse_loss(recon, images[:512]))
+
+    from ..models.export import assemble_pipeline
 
     pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler)  # shares the modules being trained
     diffusers_logging.disable_progress_bar()
