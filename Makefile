@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py
 install: $(STAMP)
 
 run: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/safeprune run --out runs/default --steps 300 $(RUN_ARGS)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/safeprune run --out runs/default $(RUN_ARGS)
 
 test: install
 	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
