@@ -179,7 +179,7 @@ def test_pipeline_loads_in_a_fresh_process(student, gen, tmp_path):
         "p = StableDiffusionPipeline.from_pretrained(sys.argv[1], local_files_only=True)\n"
         "assert type(p.unet).__name__ == 'PrunedUNet2DConditionModel', type(p.unet)\n"
         "with torch.no_grad():\n"
-        "    out = p.unet(**torch.load(sys.argv[1] + '/inputs.pt')).sample\n"
+        "    out = p.unet(**torch.load(sys.argv[1] + '/inputs.pt', weights_only=True)).sample\n"
         "torch.save(out, sys.argv[1] + '/out.pt')\n"
     )
     env = {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
@@ -187,4 +187,4 @@ def test_pipeline_loads_in_a_fresh_process(student, gen, tmp_path):
         [sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=ROUNDTRIP_ATOL, rtol=0)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt", weights_only=True), expected, atol=ROUNDTRIP_ATOL, rtol=0)
