@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# OpenMP threads that spin while waiting make small-model CPU runs 10-40x slower whenever anything else runs
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install run test test-slow bench clean
 
