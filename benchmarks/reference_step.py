@@ -43,6 +43,14 @@ def keep_outputs(unet: nn.Module, store: dict) -> list:
     return [module.register_forward_hook(make(name)) for name, module in block_modules(unet)]
 
 
+def fp32(module: nn.Module, device) -> nn.Module:
+    """Move to `device` in fp32, casting only when needed (diffusers warns on every dtype .to, even a no-op)."""
+    module.to(device)
+    if any(p.dtype != torch.float32 for p in module.parameters()):
+        module.to(dtype=torch.float32)
+    return module
+
+
 def hidden(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -61,10 +69,10 @@ class ReferenceTrainer:
                  device, lr: float = 1e-6, lr_upper: float = 5e-6, upper_every: int = 10,
                  w_diff: float = 1.0, w_out: float = 2.0, w_feat: float = 0.1, eta: float = 1.0, seed: int = 0):
         self.device = torch.device(device)
-        self.teacher = teacher_unet.to(self.device, torch.float32).eval().requires_grad_(False)
-        self.student = student.to(self.device, torch.float32).train().requires_grad_(True)
-        self.vae = vae.to(self.device, torch.float32).eval().requires_grad_(False)
-        self.text_encoder = text_encoder.to(self.device, torch.float32).eval().requires_grad_(False)
+        self.teacher = fp32(teacher_unet, self.device).eval().requires_grad_(False)
+        self.student = fp32(student, self.device).train().requires_grad_(True)
+        self.vae = fp32(vae, self.device).eval().requires_grad_(False)
+        self.text_encoder = fp32(text_encoder, self.device).eval().requires_grad_(False)
         self.scheduler, self.prediction_type = noise_scheduler, prediction_type
         self.scaling = float(vae.config.scaling_factor)
         self.images, self.caption_ids = images.to(self.device), caption_ids.to(self.device)

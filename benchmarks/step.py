@@ -7,9 +7,15 @@ Variants (same batch size, seed, teacher, pruned student and images for all):
   (c) benchmarks/reference_step.py: VAE and text encoder every step, a separate fp32 teacher forward per loss,
       hooks that keep whole block-output tuples, AdamW, and every P-th iteration an upper step with a second AdamW.
 
-Each variant runs in its own subprocess (peak RSS on CPU is per process). Reports median step times, peak memory,
-FLOPs per step (torch.utils.flop_counter) and the ratios below, and writes benchmarks/results/step-<cpu|cuda>.json.
-Targets: (c)/(b) time >= 2 and peak memory >= 1.5; (b)/(a) time within 10% of the FLOP-predicted ratio.
+Every variant runs in subprocesses of its own. On CPU one process measures peak memory (RSS growth above the
+post-setup level over the first steps, with glibc made to return freed blocks at once) and counts FLOPs, and
+--repeats further processes, run interleaved, measure step times with the default allocator; each step time is the
+median over those processes of their median. A timing process during which other processes kept CPUs busy is
+rerun (--retries) and flagged: with more runnable threads than cores, CPU step times grow 2-100x. On CUDA one
+process per variant does both (allocator peak from torch.cuda.max_memory_allocated).
+Reports median step times, peak memory, FLOPs per step (torch.utils.flop_counter) and the ratios below, and writes
+benchmarks/results/step-<cpu|cuda>.json. Targets: (c)/(b) time >= 2 and peak memory >= 1.5; (b)/(a) time within
+10% of the FLOP-predicted ratio.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step.py                       # CPU: mini-SD, batch 2, 128 px
     HF_HUB_OFFLINE=1 python benchmarks/step.py --preset sd15 --batch-size 16  # GPU: SD-1.5 shapes at 512 px
@@ -32,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 try:
-    import safeprune_engine  # noqa: F401
+    import safeprune_engine  # noqa: F401  (installed, or found next to benchmarks/)
 except ImportError:  # a plain checkout (e.g. copied onto a GPU box) without `pip install -e .`
     sys.path.insert(1, str(ROOT))
 
@@ -98,6 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON path; default benchmarks/results/step-<cpu|cuda>.json")
     # internal: one variant per process
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--phase", choices=("memory", "time", "both"), default="both", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -294,50 +301,53 @@ def run_worker(args) -> None:
         kinds = {"lower": checked(lambda: solver.step(0)), "outer": checked(lambda: solver.step(args.period - 1))}
     info["setup_s"] = time.perf_counter() - t0
 
-    # memory pass: the first steps of every kind, where optimizer states appear and the peak is reached
-    probe = harness.MemoryProbe(device, baseline_bytes=baseline_rss)
-    with harness.exact_heap(enabled=device.type == "cpu") as exact:
-        probe.start()
-        for fn in kinds.values():
-            for _ in range(MEMORY_STEPS):
-                fn()
-        memory = probe.read()
-    memory["exact_heap"] = exact
-    times = {kind: harness.time_calls(fn, device, args.warmup, args.steps) for kind, fn in kinds.items()}
-
-    flops, parts_times = {}, {}
-    if not args.no_flops:
-        flops = {kind: harness.count_flops(fn) for kind, fn in kinds.items()}
+    cpu = device.type == "cpu"
+    result = {"variant": args.worker, "phase": args.phase, "device": harness.device_description(device),
+              "info": info, "times": {}, "memory": None, "flops": {}, "parts_s": {}}
+    if args.phase in ("memory", "both"):
+        # the first steps of every kind, where optimizer states appear and the peak is reached; on CPU with glibc
+        # returning freed blocks at once, so that the RSS peak is the peak of live memory
+        probe = harness.MemoryProbe(device, baseline_bytes=baseline_rss)
+        with harness.exact_heap(enabled=cpu) as exact:
+            probe.start()
+            for fn in kinds.values():
+                for _ in range(MEMORY_STEPS):
+                    fn()
+            result["memory"] = {**probe.read(), "exact_heap": exact}
+    if args.phase in ("time", "both"):
+        # glibc's default allocator behaviour here: the pinned thresholds `exact_heap` leaves behind change CPU
+        # step times by +-10%, which is why CPU runs measure memory and time in separate processes
+        result["times"] = {kind: harness.time_calls(fn, device, args.warmup, args.steps) for kind, fn in kinds.items()}
     if args.worker == "c":  # where the reference's time goes, one batch at a time
         with torch.no_grad():
             parts = reference_parts(runner, args.batch_size, device)
-            for name, fn in parts.items():
-                parts_times[name] = harness.time_calls(fn, device, warmup=1, steps=3)["median_s"]
-            if not args.no_flops:
-                flops["parts"] = {name: harness.count_flops(fn) for name, fn in parts.items()}
-    result = {"variant": args.worker, "device": harness.device_description(device), "info": info, "times": times,
-              "memory": memory, "flops": flops, "parts_s": parts_times}
+            if args.phase in ("time", "both"):
+                result["parts_s"] = {name: harness.time_calls(fn, device, warmup=1, steps=3)["median_s"]
+                                     for name, fn in parts.items()}
+            if args.phase in ("memory", "both") and not args.no_flops:
+                result["flops"]["parts"] = {name: harness.count_flops(fn) for name, fn in parts.items()}
+    if args.phase in ("memory", "both") and not args.no_flops:
+        result["flops"].update({kind: harness.count_flops(fn) for kind, fn in kinds.items()})
     harness.write_json(args.result, result)
 
 
 # ---- the parent: run the workers, compare, report --------------------------------------------------------
-def merge_runs(runs: list[dict], contention_limit: float) -> dict:
-    """One variant's processes -> one result: per step kind the median over processes of their medians (wall and
-    CPU), memory of the process with the median primary figure, FLOPs and parts of the first process.
+def merge_runs(time_runs: list[dict], memory_run: dict, contention_limit: float) -> dict:
+    """One variant's processes -> one result: per step kind the median over the timing processes of their medians
+    (wall and CPU); memory and FLOPs from the memory process.
 
-    Processes during which other processes kept more than `contention_limit` CPUs busy are left out of the times
-    when at least one process ran undisturbed.
+    Timing processes during which other processes kept more than `contention_limit` CPUs busy are left out when
+    at least one ran undisturbed.
     """
     import statistics
 
-    import harness
-
-    first = runs[0]
-    clean = [r for r in runs if r.get("other_processes_cpus") is not None
+    clean = [r for r in time_runs if r.get("other_processes_cpus") is not None
              and r["other_processes_cpus"] <= contention_limit]
-    timed = clean or runs
-    merged = dict(first)
-    merged["processes"], merged["processes_timed"] = len(runs), len(timed)
+    timed = clean or time_runs
+    first = time_runs[0]
+    merged = {"variant": first["variant"], "device": first["device"], "info": dict(memory_run["info"]),
+              "memory": memory_run["memory"], "flops": memory_run["flops"],
+              "timing_processes": len(time_runs), "timing_processes_used": len(timed)}
     merged["times"] = {}
     for kind in first["times"]:
         per_run = [r["times"][kind] for r in timed]
@@ -348,19 +358,17 @@ def merge_runs(runs: list[dict], contention_limit: float) -> dict:
             "per_process_median_cpu_s": [x["median_cpu_s"] for x in per_run],
             "all_s": [t for x in per_run for t in x["all_s"]],
         }
-    by_memory = sorted(runs, key=lambda r: harness.primary_memory(r["memory"]))
-    merged["memory"] = dict(by_memory[(len(runs) - 1) // 2]["memory"])
-    merged["memory"]["per_process_primary_bytes"] = [harness.primary_memory(r["memory"]) for r in runs]
     contention = [r.get("other_processes_cpus") for r in timed]
     merged["other_processes_cpus"] = None if None in contention else max(contention)
-    merged["info"]["setup_s"] = [r["info"]["setup_s"] for r in runs]
+    merged["info"]["setup_s"] = [r["info"]["setup_s"] for r in time_runs]
     if first.get("parts_s"):
         merged["parts_s"] = {name: statistics.median(r["parts_s"][name] for r in timed) for name in first["parts_s"]}
     return merged
 
 
-def worker_argv(args, variant: str, workdir: Path, result: Path, flops: bool = True) -> list[str]:
-    argv = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--workdir", str(workdir),
+def worker_argv(args, variant: str, phase: str, workdir: Path, result: Path) -> list[str]:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--phase", phase,
+            "--workdir", str(workdir),
             "--result", str(result), "--device", args.device, "--preset", args.preset,
             "--batch-size", str(args.batch_size), "--resolution", str(args.resolution), "--steps", str(args.steps),
             "--warmup", str(args.warmup), "--period", str(args.period), "--mixed-precision", args.mixed_precision,
@@ -368,9 +376,23 @@ def worker_argv(args, variant: str, workdir: Path, result: Path, flops: bool = T
             "--seed", str(args.seed)]
     if args.threads:
         argv += ["--threads", str(args.threads)]
-    if args.no_flops or not flops:
+    if args.no_flops:
         argv.append("--no-flops")
     return argv
+
+
+def engine_fingerprint() -> dict:
+    """sha256 (16 hex) of the engine sources these numbers depend on: the engine changes, the results file stays."""
+    import hashlib
+
+    files = sorted((ROOT / "safeprune_engine").glob("bilevel/*.py")) + sorted(
+        (ROOT / "safeprune_engine").glob("distill/*.py")) + sorted((ROOT / "safeprune_engine").glob("unlearn/*.py")) + [
+        ROOT / "safeprune_engine" / "trainer.py", ROOT / "safeprune_engine" / "data" / "cache.py"]
+    digest = hashlib.sha256()
+    for path in files:
+        if path.is_file():
+            digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return {"sha256_16": digest.hexdigest()[:16], "files": [p.relative_to(ROOT).as_posix() for p in files]}
 
 
 def amortised(lower: float, outer: float, period: int) -> float:
@@ -542,37 +564,50 @@ def main(argv=None) -> int:
     # other processes may use the cores our threads leave free (--threads below the core count) without harm
     threads = args.threads or torch.get_num_threads()
     limit = max(0, (os.cpu_count() or threads) - threads) + CONTENDED_CPUS
-    runs = {v: [] for v in args.variant_list}
+    memory_runs, time_runs = {}, {v: [] for v in args.variant_list}
+
+    def run(variant: str, phase: str, result: Path, label: str):
+        """One worker process; on CPU waits for a quiet machine first and reruns a disturbed timing process."""
+        argv = worker_argv(args, variant, phase, workdir, result)
+        print(f"{label} ...", flush=True)
+        retries = args.retries if cpu and phase == "time" else 0
+        for attempt in range(1 + retries):
+            if cpu and phase == "time" and args.quiet_wait > 0:
+                harness.wait_for_quiet(args.quiet_wait, limit)
+            with harness.ContentionMeter() as meter:
+                proc = subprocess.run(argv, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+                raise SystemExit(f"variant {variant} ({phase}) failed with exit code {proc.returncode}")
+            if meter.other_cpus is None or meter.other_cpus <= limit:
+                break
+            if attempt < retries:
+                print(f"  other processes used {meter.other_cpus:.2f} CPUs meanwhile: running it again", flush=True)
+        r = json.loads(result.read_text())
+        r["other_processes_cpus"] = meter.other_cpus
+        busy = "" if meter.other_cpus is None else f", other processes used {meter.other_cpus:.2f} CPUs"
+        what = [f"{k} {x['median_s'] * 1000:.0f} ms" for k, x in r["times"].items()]
+        if r["memory"]:
+            what.append(f"peak memory {harness.mib(harness.primary_memory(r['memory']))}")
+        print(f"  done: setup {r['info']['setup_s']:.1f} s, " + ", ".join(what) + busy, flush=True)
+        return r
+
     with tempfile.TemporaryDirectory(prefix="safeprune-bench-") as tmp:
         workdir = Path(tmp)
         write_folders(workdir, args.resolution, args.seed)
+        for variant in args.variant_list:
+            if cpu:  # own process: the memory pass pins glibc's thresholds, which would skew the timing
+                memory_runs[variant] = run(variant, "memory", workdir / f"{variant}-memory.json",
+                                           f"{LABELS[variant]}: memory and FLOPs")
         for repeat in range(args.repeats):
             for variant in args.variant_list:
-                result = workdir / f"{variant}-{repeat}.json"
-                print(f"running {LABELS[variant]} [{repeat + 1}/{args.repeats}] ...", flush=True)
-                argv = worker_argv(args, variant, workdir, result, flops=repeat == 0)
-                for attempt in range(1 + (args.retries if cpu else 0)):
-                    if cpu and args.quiet_wait > 0:
-                        harness.wait_for_quiet(args.quiet_wait, limit)
-                    with harness.ContentionMeter() as meter:
-                        proc = subprocess.run(argv, capture_output=True, text=True)
-                    if proc.returncode != 0:
-                        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-                        print(f"variant {variant} failed (exit {proc.returncode})", file=sys.stderr)
-                        return 1
-                    if not cpu or meter.other_cpus is None or meter.other_cpus <= limit:
-                        break
-                    if attempt < args.retries:
-                        print(f"  other processes used {meter.other_cpus:.2f} CPUs meanwhile: running it again",
-                              flush=True)
-                r = json.loads(result.read_text())
-                r["other_processes_cpus"] = meter.other_cpus
-                runs[variant].append(r)
-                busy = "" if meter.other_cpus is None else f", other processes used {meter.other_cpus:.2f} CPUs"
-                print(f"  done: setup {r['info']['setup_s']:.1f} s, "
-                      + ", ".join(f"{k} {x['median_s'] * 1000:.0f} ms" for k, x in r["times"].items()) + busy,
-                      flush=True)
-    results = {v: merge_runs(rs, limit) for v, rs in runs.items()}
+                phase = "time" if cpu else "both"
+                r = run(variant, phase, workdir / f"{variant}-{repeat}.json",
+                        f"{LABELS[variant]}: timing [{repeat + 1}/{args.repeats}]")
+                time_runs[variant].append(r)
+                if not cpu and repeat == 0:
+                    memory_runs[variant] = r
+    results = {v: merge_runs(time_runs[v], memory_runs[v], limit) for v in args.variant_list}
     device = torch.device(args.device)
     meta = {"device": next(iter(results.values()))["device"], "device_type": device.type,
             "environment": harness.environment()}
@@ -589,7 +624,7 @@ def main(argv=None) -> int:
     config = {k: v for k, v in vars(args).items() if k not in ("worker", "workdir", "result", "variant_list", "out")}
     config.update(preset_shapes=PRESETS[args.preset], latent_size=args.resolution // 8,
                   paper_period=PAPER_INNER_STEPS + 1, reference="fp32" + (", TF32 off" if device.type == "cuda" else ""),
-                  erase_method="esd-u", concept_batch_size=args.batch_size)
+                  erase_method="esd-u", concept_batch_size=args.batch_size, engine_sources=engine_fingerprint())
     out = Path(args.out) if args.out else HERE / "results" / f"step-{device.type}.json"
     data = {"benchmark": "step", "device": meta["device"], "device_type": device.type, **meta["environment"],
             "config": config, **summary, "wall_s": time.perf_counter() - started}
