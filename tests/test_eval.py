@@ -14,14 +14,6 @@ from safeprune_engine.eval.prompts import PromptSpec, load_prompts, toy_labels, 
 from safeprune_engine.toy.world import ERASED_STYLE, NEIGHBOUR_STYLE, Item, render_batch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models on 2 busy shared cores: one torch thread is many times faster than two
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 # ------------------------------------------------------------------------------------------------ hand-built models
 

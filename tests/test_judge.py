@@ -9,14 +9,6 @@ from safeprune_engine.errors import SafepruneError
 from safeprune_engine.toy.world import STYLES, Item, render, render_batch, sample_items
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small convs on 2 busy shared cores: one thread is many times faster than two
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture(scope="module")
 def judge():

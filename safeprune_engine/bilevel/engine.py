@@ -209,14 +209,9 @@ def accumulate_gradients(loss: torch.Tensor, params: list[nn.Parameter], scale: 
     """Add scale * d loss / d params into each param's .grad, touching no other parameter.
 
     Used for the upper level so that a restricted parameter set (ESD-x: attn2 only) gets its gradient while
-    the rest of the student receives none from that loss.
+    the rest of the student receives none from that loss. backward(inputs=...) accumulates in place: no
+    per-parameter gradient copies, and parameters the loss does not reach keep their .grad untouched.
     """
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    for param, grad in zip(params, grads):
-        if grad is None:
-            continue
-        grad = grad * scale if scale != 1.0 else grad
-        if param.grad is None:
-            param.grad = grad.detach().clone()
-        else:
-            param.grad.add_(grad)
+    params = list(params)
+    if params:  # backward(inputs=[]) is an error; an objective with nothing to train contributes nothing
+        (loss * scale if scale != 1.0 else loss).backward(inputs=params)

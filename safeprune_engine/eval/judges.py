@@ -26,6 +26,7 @@ Adding a judge is one decorator; the factory gets the text after ``NAME:`` (or N
 """
 from __future__ import annotations
 
+import abc
 import importlib
 import json
 import os
@@ -126,7 +127,7 @@ def to_judge_input(images, size: int, value_range: tuple[float, float] = (-1.0, 
 # ------------------------------------------------------------------------------------------------ judges
 
 
-class Judge:
+class Judge(abc.ABC):
     """Base class (and the interface every judge meets). See the module doc."""
 
     name = "judge"
@@ -135,11 +136,13 @@ class Judge:
     def prepare(self, prompts) -> None:  # noqa: B027 - optional hook
         """Called once with the prompt set (a list of PromptSpec) before any judging."""
 
+    @abc.abstractmethod
     def predict(self, images) -> Prediction:
-        raise NotImplementedError
+        """Per-head class predictions of a batch of images."""
 
+    @abc.abstractmethod
     def features(self, images) -> np.ndarray:
-        raise NotImplementedError
+        """Penultimate-layer features ``[N, D]`` of a batch of images (for the Frechet distance)."""
 
     def scores(self, images, texts: Sequence[str]) -> np.ndarray | None:
         """Image-text agreement per image ``[N]``, or None when the judge has no such score."""
