@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import copy
+from contextvars import ContextVar
+from typing import Callable
 
 import torch
 
@@ -27,7 +29,15 @@ def as_float(value) -> float:
     return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 
 
-def make_adamw(params, lr: float) -> torch.optim.AdamW:
+# Replaces the AdamW that make_adamw builds while set (e.g. bitsandbytes AdamW8bit for --use-8bit-adam); set it
+# only around solver construction, with safeprune_engine.memory.solver_optimizers(config).
+ADAMW_FACTORY: ContextVar[Callable | None] = ContextVar("safeprune_adamw_factory", default=None)
+
+
+def make_adamw(params, lr: float) -> torch.optim.Optimizer:
+    factory = ADAMW_FACTORY.get()
+    if factory is not None:
+        return factory(params, lr)
     # foreach=False keeps CPU runs bit-reproducible across resume regardless of tensor grouping
     return torch.optim.AdamW(params, lr=lr, foreach=False)
 

@@ -1,0 +1,160 @@
+"""Memory options of a run: 8-bit optimizer states, an int8 or lower-precision teacher, gradient checkpointing and
+channels-last convolutions. Each is one function; the trainer (single process) and the distributed engine both
+call them, so an option means the same thing with one rank or many.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import SafepruneError
+
+log = logging.getLogger("safeprune_engine")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TRAINING_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
+def require_bitsandbytes(option: str):
+    try:
+        import bitsandbytes
+    except ImportError as error:
+        raise SafepruneError(f"{option} needs bitsandbytes (pip install 'safeprune-engine[scale]'): {error}") from None
+    return bitsandbytes
+
+
+# ---- optimizer states ----------------------------------------------------------------------------------------
+def adamw_8bit(params, lr: float) -> torch.optim.Optimizer:
+    """bitsandbytes AdamW8bit with torch AdamW's defaults (betas 0.9/0.999, eps 1e-8, weight decay 0.01).
+
+    Moments are kept as blockwise-quantised uint8 (2 bytes per parameter instead of 8); tensors under 4096
+    elements keep 32-bit states, as bitsandbytes does by default.
+    """
+    bnb = require_bitsandbytes("--use-8bit-adam")
+    return bnb.optim.AdamW8bit(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+
+
+@contextmanager
+def solver_optimizers(config):
+    """While inside, solvers.make_adamw builds the optimizer the config asks for (AdamW8bit with
+    --use-8bit-adam, else torch AdamW)."""
+    from .bilevel.solvers import ADAMW_FACTORY
+
+    token = ADAMW_FACTORY.set(adamw_8bit if config.use_8bit_adam else None)
+    try:
+        yield
+    finally:
+        ADAMW_FACTORY.reset(token)
+
+
+# ---- precisions ------------------------------------------------------------------------------------------------
+def teacher_precision(config) -> str:
+    """"fp32" | "bf16" | "fp16": --teacher-dtype, else the training precision (the teacher runs in it)."""
+    return config.teacher_dtype or TRAINING_PRECISION[config.mixed_precision]
+
+
+def teacher_torch_dtype(config) -> torch.dtype:
+    return DTYPES[teacher_precision(config)]
+
+
+# ---- activations and layouts -----------------------------------------------------------------------------------
+def apply_student_options(student: nn.Module, config) -> nn.Module:
+    """--gradient-checkpointing and --channels-last on the student (in place)."""
+    if config.gradient_checkpointing:
+        if not hasattr(student, "enable_gradient_checkpointing"):
+            raise SafepruneError(f"--gradient-checkpointing: {type(student).__name__} does not support it")
+        student.enable_gradient_checkpointing()
+    if config.channels_last:
+        student.to(memory_format=torch.channels_last)
+    return student
+
+
+def apply_teacher_options(teacher_unet: nn.Module, config) -> nn.Module:
+    """--channels-last on the teacher (in place). The dtype and int8 options have their own functions."""
+    if config.channels_last:
+        teacher_unet.to(memory_format=torch.channels_last)
+    return teacher_unet
+
+
+# ---- int8 teacher ----------------------------------------------------------------------------------------------
+def int8_linear_names(unet: nn.Module, min_features: int = 1) -> list[str]:
+    """Every nn.Linear of the UNet (attention projections, feed-forwards, time and text projections)."""
+    return [name for name, module in unet.named_modules()
+            if type(module) is nn.Linear and min(module.in_features, module.out_features) >= min_features]
+
+
+def swap_linear_to_int8(unet: nn.Module, threshold: float = 6.0) -> int:
+    """Replace every nn.Linear by a bitsandbytes Linear8bitLt with row-wise int8 weights (in place).
+
+    threshold: LLM.int8()'s outlier threshold; input columns with larger magnitudes run in 16/32 bit.
+    Returns the number of layers swapped. Quantisation happens when the layer is moved to its device.
+    """
+    bnb = require_bitsandbytes("--teacher-int8")
+    swapped = 0
+    for name in int8_linear_names(unet):
+        parent_name, _, child = name.rpartition(".")
+        parent = unet.get_submodule(parent_name) if parent_name else unet
+        old = getattr(parent, child)
+        device = old.weight.device
+        new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=old.bias is not None,
+                                  has_fp16_weights=False, threshold=threshold)
+        state = {"weight": old.weight.detach().float().cpu()}
+        if old.bias is not None:
+            state["bias"] = old.bias.detach().to(old.weight.dtype).cpu()
+        new.load_state_dict(state, strict=False)
+        new.requires_grad_(False)
+        setattr(parent, child, new.to(device))  # .to() quantises the weight rows to int8 + scale
+        swapped += 1
+    return swapped
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+@torch.no_grad()
+def quantize_teacher_int8(unet: nn.Module, latent_size: int, text_shape: tuple[int, int], seed: int = 0,
+                          batch: int = 2) -> dict:
+    """Swap the teacher's Linear layers to int8 and measure the output error that adds.
+
+    The error is measured on `batch` fresh random latents / timesteps / text embeddings of the training shapes
+    (latents (batch, C, latent_size, latent_size), text (batch, *text_shape)), same inputs before and after:
+    rel_l2 = ||int8 - full|| / ||full||, plus max and mean absolute differences of the predictions.
+    Returns that report (also holds the layer count and the weight bytes before and after).
+    """
+    param = next(unet.parameters())
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, unet.config.in_channels, latent_size, latent_size, generator=generator)
+    timesteps = torch.randint(0, 1000, (batch,), generator=generator)
+    text = torch.randn(batch, *text_shape, generator=generator)
+    inputs = (latents.to(param.device, param.dtype), timesteps.to(param.device))
+    text = text.to(param.device, param.dtype)
+    reference = unet(*inputs, encoder_hidden_states=text).sample.float()
+    bytes_before = parameter_bytes(unet)
+    layers = swap_linear_to_int8(unet)
+    quantized = unet(*inputs, encoder_hidden_states=text).sample.float()
+    diff = quantized - reference
+    report = {
+        "layers": layers,
+        "rel_l2": float(diff.norm() / reference.norm().clamp_min(1e-12)),
+        "max_abs": float(diff.abs().max()),
+        "mean_abs": float(diff.abs().mean()),
+        "reference_rms": float(reference.pow(2).mean().sqrt()),
+        "weight_bytes_before": bytes_before,
+        "weight_bytes_after": parameter_bytes(unet),
+        "inputs": {"batch": batch, "latent_size": latent_size, "seed": seed, "dtype": str(param.dtype)},
+    }
+    log.info("int8 teacher: %d Linear layers, output error rel L2 %.3g (max abs %.3g), weights %.1f -> %.1f MiB",
+             layers, report["rel_l2"], report["max_abs"], bytes_before / 2**20, report["weight_bytes_after"] / 2**20)
+    return report
+
+
+def write_int8_report(out_dir: str | Path, report: dict) -> Path:
+    path = Path(out_dir) / "teacher_int8_report.json"
+    path.write_text(json.dumps(report, indent=2))
+    return path
