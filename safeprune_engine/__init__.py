@@ -19,6 +19,7 @@ _LAZY = {
     "TeacherBundle": "safeprune_engine.models.teacher",
     "PrunedUNet2DConditionModel": "safeprune_engine.models.pruned_unet",
     "prune": "safeprune_engine.prune.width",
+    "prune_unet": "safeprune_engine.prune.base",
     "count_macs": "safeprune_engine.prune.macs",
     "train": "safeprune_engine.api",
     "run": "safeprune_engine.api",

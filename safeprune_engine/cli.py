@@ -2,6 +2,7 @@
 
     safeprune run --teacher DIR --data DIR --erase TEXT --prune-ratio 0.5 --method bilevel --steps N --out DIR
     safeprune sample --model DIR --prompt TEXT --out FILE.png
+    safeprune prune --teacher DIR --prune-method bk-small --out DIR
 """
 from __future__ import annotations
 
@@ -19,10 +20,14 @@ RUN_FLAGS = {
     "erase": (str, "concept prompt to suppress; repeat for several"),
     "erase_data": (str, "image folder of concept images (default: the teacher's own sampling trajectories)"),
     "erase_prompts": (str, "a prompt whose teacher trajectories feed the upper level (repeatable; default: --erase)"),
-    "anchor": (str, "anchor for the concept: empty | strip | any text"),
+    "anchor": (str, "anchor for the concept: empty | strip | any text; repeat to give each --erase its own"),
+    "preserve": (str, "a prompt whose outputs are held to the teacher's (repeatable)"),
+    "preserve_weight": (float, "weight of holding the --preserve prompts"),
     "prune_ratio": (float, "fraction of internal width units removed, in (0, 1)"),
     "target_macs": (float, "prune to this fraction of the teacher's MACs instead of a fixed ratio"),
-    "prune_importance": (str, "l2 | l1"),
+    "prune_importance": (str, "magnitude pruning: l2 | l1"),
+    "prune_method": (str, "magnitude | taylor | bk-base | bk-small | bk-tiny (or a plug-in's name)"),
+    "prune_calibration_batches": (int, "taylor: batches of --data that score the units"),
     "method": (str, "bilevel | alternating | two-stage | distill-only"),
     "steps": (int, "training steps"),
     "batch_size": (int, "data batch size per step"),
@@ -37,7 +42,7 @@ RUN_FLAGS = {
     "w_out": (float, "weight of output distillation"),
     "w_feat": (float, "weight of feature distillation"),
     "snr_gamma": (float, "min-SNR gamma for the diffusion loss (default: off)"),
-    "erase_method": (str, "esd-u | esd-x"),
+    "erase_method": (str, "esd-u | esd-x | concept-ablation-model | concept-ablation-noise | uce | salun"),
     "eta": (float, "ESD negative-guidance strength"),
     "bilevel_lambda": (float, "bilevel penalty lambda"),
     "bilevel_inner_steps": (int, "bilevel: inner (lower) steps per outer step"),
@@ -46,6 +51,12 @@ RUN_FLAGS = {
     "esd_pool_size": (int, "trajectory latents per concept when no --erase-data"),
     "esd_ddim_steps": (int, "DDIM steps of the trajectory sampler"),
     "esd_guidance": (float, "guidance scale of the trajectory sampler"),
+    "uce_when": (str, "uce: closed-form edit before | after | every:N steps"),
+    "uce_lambda": (float, "uce: weight of keeping the edited matrices close to their old values"),
+    "salun_base": (str, "salun: the gradient objective whose updates the saliency mask restricts"),
+    "salun_topk": (float, "salun: fraction of the base objective's weights the mask keeps"),
+    "salun_batches": (int, "salun: concept batches the saliency is measured on"),
+    "plugins": (str, "a module to import first, whose decorators register plug-ins (repeatable)"),
     "cache_dir": (str, "where encoded latents, captions and trajectories are cached (default OUT/cache)"),
     "checkpoint_every": (int, "save a checkpoint every N steps (0: only at the end)"),
     "keep_checkpoints": (int, "checkpoints to keep"),
@@ -54,7 +65,8 @@ RUN_FLAGS = {
 }
 
 
-COMMAND_MODULES = ("safeprune_engine.toy.commands", "safeprune_engine.eval.commands")
+COMMAND_MODULES = ("safeprune_engine.toy.commands", "safeprune_engine.eval.commands", "safeprune_engine.prune.commands")
+REPEATABLE = ("erase", "erase_prompts", "anchor", "preserve", "plugins")  # flags given once per value
 
 
 def flag(name: str) -> str:
@@ -70,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="YAML (or JSON) file whose keys are these flags' names")
     run.add_argument("--out", help="run directory (default runs/default)")
     for name, (kind, text) in RUN_FLAGS.items():
-        if name in ("erase", "erase_prompts"):
+        if name in REPEATABLE:
             run.add_argument(flag(name), action="append", default=None, help=text)
         else:
             run.add_argument(flag(name), type=kind, default=None, help=text)
@@ -102,6 +114,8 @@ def run_config_from_args(args) -> "RunConfig":
 
     config = RunConfig.from_file(args.config) if args.config else RunConfig()
     overrides = {name: getattr(args, name) for name in RUN_FLAGS if getattr(args, name) is not None}
+    if isinstance(overrides.get("anchor"), list) and len(overrides["anchor"]) == 1:
+        overrides["anchor"] = overrides["anchor"][0]  # one anchor for every concept: the plain form
     if args.out is not None:
         overrides["out"] = args.out
     if args.no_progress:

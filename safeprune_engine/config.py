@@ -16,7 +16,6 @@ from .errors import SafepruneError
 CONFIG_VERSION = 1
 METHODS = ("bilevel", "alternating", "two-stage", "distill-only")
 MIXED_PRECISION = ("no", "bf16", "fp16")
-ERASE_METHODS = ("esd-u", "esd-x")
 
 # Fields that define *what* a run computes. A run directory refuses to continue under different values.
 IDENTITY_FIELDS = (
@@ -24,6 +23,8 @@ IDENTITY_FIELDS = (
     "method", "batch_size", "concept_batch_size", "resolution", "lr", "lr_upper", "seed", "mixed_precision",
     "w_diff", "w_out", "w_feat", "snr_gamma", "erase_method", "eta", "bilevel_lambda", "bilevel_inner_steps",
     "upper_every", "two_stage_erase_steps", "esd_pool_size", "esd_ddim_steps", "esd_guidance",
+    "prune_method", "prune_calibration_batches", "preserve", "preserve_weight", "uce_when", "uce_lambda",
+    "salun_base", "salun_topk", "salun_batches",
 )
 
 
@@ -39,11 +40,16 @@ class RunConfig:
     # prompts whose trajectories feed the upper level when there are no concept images (default: --erase
     # itself); e.g. full captions "a red circle by X" with --anchor strip keep the object and drop the style
     erase_prompts: list[str] = field(default_factory=list)
-    anchor: str = "empty"  # "empty" | "strip" (caption minus concept) | any other text = that prompt
+    # "empty" | "strip" (caption minus concept) | any other text = that prompt; a list gives each --erase its own
+    anchor: str | list[str] = "empty"
+    preserve: list[str] = field(default_factory=list)  # prompts whose outputs are held to the teacher's
+    preserve_weight: float = 1.0
 
     prune_ratio: float | None = 0.5
     target_macs: float | None = None  # fraction of teacher MACs; replaces prune_ratio when set
     prune_importance: str = "l2"
+    prune_method: str = "magnitude"  # magnitude | taylor | bk-base | bk-small | bk-tiny | a plug-in's name
+    prune_calibration_batches: int = 4  # taylor: batches of --data that score the units
 
     method: str = "bilevel"
     steps: int = 1000
@@ -70,6 +76,12 @@ class RunConfig:
     esd_pool_size: int = 64  # trajectory latents per concept when no concept images are given
     esd_ddim_steps: int = 20
     esd_guidance: float = 3.0
+    uce_when: str = "after"  # uce: closed-form edit "before" | "after" training or "every:N" steps
+    uce_lambda: float = 0.1  # uce: weight of keeping the matrices themselves
+    salun_base: str = "concept-ablation-model"  # salun: the gradient objective it restricts
+    salun_topk: float = 0.5  # salun: fraction of the base objective's weights the mask keeps
+    salun_batches: int = 4  # salun: concept batches the saliency is measured on
+    plugins: list[str] = field(default_factory=list)  # modules imported first (their decorators register plug-ins)
 
     cache_dir: str | None = None  # latent / caption / trajectory cache; None = OUT/cache (fingerprinted, shareable)
     checkpoint_every: int = 500  # 0 = only at the end
@@ -98,9 +110,11 @@ class RunConfig:
         version = normalised.get("version", CONFIG_VERSION)
         if version > CONFIG_VERSION:
             raise SafepruneError(f"config version {version} is newer than this safeprune-engine ({CONFIG_VERSION})")
-        for key in ("erase", "erase_prompts"):
+        for key in ("erase", "erase_prompts", "preserve", "plugins"):
             if isinstance(normalised.get(key), str):
                 normalised[key] = [normalised[key]]
+        if isinstance(normalised.get("anchor"), list) and len(normalised["anchor"]) == 1:
+            normalised["anchor"] = normalised["anchor"][0]  # one anchor for every concept: the plain form
         return cls(**normalised)
 
     @classmethod
@@ -132,6 +146,13 @@ class RunConfig:
         return self.concept_batch_size or self.batch_size
 
     @property
+    def anchors(self) -> list[str]:
+        """One anchor per --erase concept (a single --anchor applies to all)."""
+        if isinstance(self.anchor, str):
+            return [self.anchor] * max(1, len(self.erase))
+        return list(self.anchor)
+
+    @property
     def effective_two_stage_erase_steps(self) -> int:
         if self.two_stage_erase_steps is not None:
             return self.two_stage_erase_steps
@@ -149,10 +170,39 @@ class RunConfig:
             raise SafepruneError(
                 f"unknown mixed precision {self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISION)}"
             )
-        if self.erase_method not in ERASE_METHODS:
+        from .prune.base import PRUNE_METHODS
+        from .registry import load_plugins
+        from .unlearn.base import OBJECTIVES
+
+        load_plugins(self.plugins)
+        if self.erase_method not in OBJECTIVES:
             raise SafepruneError(
-                f"unknown erase method {self.erase_method!r}; choose one of {', '.join(ERASE_METHODS)}"
+                f"unknown erase method {self.erase_method!r}; choose one of {', '.join(OBJECTIVES.names())}"
             )
+        if self.prune_method not in PRUNE_METHODS:
+            raise SafepruneError(
+                f"unknown prune method {self.prune_method!r}; choose one of {', '.join(PRUNE_METHODS.names())}"
+            )
+        if not isinstance(self.anchor, str):
+            if len(self.anchor) != len(self.erase):
+                raise SafepruneError(f"give one --anchor for all concepts or one per --erase: {len(self.erase)} "
+                                     f"concepts, {len(self.anchor)} anchors")
+        for prompt in self.preserve:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise SafepruneError("a --preserve prompt is empty")
+        if self.preserve_weight < 0:
+            raise SafepruneError(f"--preserve-weight must be >= 0, got {self.preserve_weight}")
+        if self.erase_method == "uce":
+            from .unlearn.uce import parse_uce_when
+
+            parse_uce_when(self.uce_when)
+            if self.uce_lambda <= 0:
+                raise SafepruneError(f"--uce-lambda must be positive, got {self.uce_lambda}")
+        if self.erase_method == "salun":
+            if self.salun_base not in OBJECTIVES or self.salun_base == "salun":
+                raise SafepruneError(f"--salun-base must be another erase method, got {self.salun_base!r}")
+            if not 0.0 < self.salun_topk <= 1.0:
+                raise SafepruneError(f"--salun-topk must be a fraction in (0, 1], got {self.salun_topk}")
         for concept in self.erase:
             if not isinstance(concept, str) or not concept.strip():
                 raise SafepruneError("an --erase concept is empty; give the text of the concept to suppress")
@@ -167,7 +217,7 @@ class RunConfig:
         elif self.prune_ratio is None or not 0.0 < self.prune_ratio < 1.0:
             raise SafepruneError(f"--prune-ratio must be in (0, 1) (exclusive), got {self.prune_ratio}")
         for name in ("steps", "batch_size", "bilevel_inner_steps", "upper_every", "esd_pool_size",
-                     "esd_ddim_steps", "keep_checkpoints", "log_every"):
+                     "esd_ddim_steps", "keep_checkpoints", "log_every", "prune_calibration_batches", "salun_batches"):
             if getattr(self, name) < 1:
                 raise SafepruneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.concept_batch_size is not None and self.concept_batch_size < 1:

@@ -1,10 +1,11 @@
 """The shared-teacher training step machinery that every solver runs on.
 
 Per step the teacher runs ONCE: the data rows (for output and feature distillation) and, when the upper level
-is active, the concept rows under every condition the objective asks for (for ESD: concept and anchor) are
-concatenated along the batch into a single inference-mode forward. Hooks keep only the data rows' block
-outputs. The student runs once on the data rows and, on upper steps, once on the concept rows, so that a
-restricted parameter set (ESD-x/-u) receives only its own share of the upper gradient.
+is active, the concept rows under every condition the objective asks for (for ESD: concept and anchor; with
+--preserve prompts also "preserve") are concatenated along the batch into a single inference-mode forward.
+Hooks keep only the data rows' block outputs. The student runs once on the data rows and, on upper steps, once
+on the concept rows (with the preserve rows in the same batch), so that a restricted parameter set (ESD-x/-u,
+SalUn's mask) receives only its own share of the upper gradient.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..distill.features import BlockTaps
@@ -88,7 +90,12 @@ class TrainingEngine:
         objective: UnlearnObjective | None = None,
         projections: FeatureProjections | None = None,
         device: torch.device | str = "cpu",
+        prompts=None,
+        feature_pairs: list[tuple[str, str]] | None = None,
     ):
+        """prompts: the encoded ConceptPrompts (objectives that work from text alone, e.g. UCE, read them);
+        feature_pairs: (student block, teacher block) names to distil features between (default: every block,
+        by position)."""
         self.device = torch.device(device)
         self.student, self.teacher = student, teacher
         self.scheduler, self.prediction_type = noise_scheduler, prediction_type
@@ -98,12 +105,29 @@ class TrainingEngine:
         self.projections = projections
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sampler = EpochSampler(len(data_cache), self.generator)
-        self.student_taps = BlockTaps(student)
-        self.teacher_taps = BlockTaps(teacher)
+        self.prompts = prompts
+        self.student_taps = BlockTaps(student, None if feature_pairs is None else [s for s, _ in feature_pairs])
+        self.teacher_taps = BlockTaps(teacher, None if feature_pairs is None else [t for _, t in feature_pairs])
         self.reference = teacher  # the model the upper level's targets come from (two-stage swaps it)
         self.reference_taps = self.teacher_taps
         mp = config.mixed_precision
         self.autocast_dtype = AUTOCAST_DTYPES.get(mp)
+        if objective is not None:
+            objective.bind(self)
+
+    @property
+    def preserve_active(self) -> bool:
+        """--preserve prompts hold the student's outputs to the teacher's on the concept latents."""
+        return (self.objective is not None and self.objective.latents is not None
+                and bool(getattr(self.config, "preserve", None)) and getattr(self.config, "preserve_weight", 0) > 0)
+
+    @property
+    def teacher_conditions(self) -> tuple[str, ...]:
+        """Every condition the teacher must predict on the concept rows: the objective's, plus "preserve"."""
+        names = tuple(self.objective.teacher_conditions) if self.objective is not None else ()
+        if self.preserve_active and "preserve" not in names:
+            names += ("preserve",)
+        return names
 
     # ---- sampling ----------------------------------------------------------------------------------
     def autocast(self):
@@ -122,7 +146,10 @@ class TrainingEngine:
         target = self.scheduler.get_velocity(z0, noise, t) if self.prediction_type == "v_prediction" else noise
         return DataBatch(latents=z_t, timesteps=t, text_emb=self.data.text_emb[index], target=target)
 
-    def sample_concept_batch(self) -> ConceptBatch:
+    def sample_concept_batch(self) -> ConceptBatch | None:
+        """A concept batch, or None for an objective that needs no latents (UCE works from text embeddings)."""
+        if self.objective is not None and self.objective.latents is None:
+            return None
         if self.concepts is None:
             raise RuntimeError("this run has no concept source (no --erase given)")
         return self.concepts.sample(self.config.effective_concept_batch_size, self.generator)
@@ -143,7 +170,7 @@ class TrainingEngine:
             latents.append(data.latents), timesteps.append(data.timesteps), conditions.append(data.text_emb)
             sizes.append(("data", data.latents.shape[0]))
         if concept is not None:
-            for name in self.objective.teacher_conditions:
+            for name in self.teacher_conditions:
                 latents.append(concept.latents), timesteps.append(concept.timesteps)
                 conditions.append(concept.conditions[name])
                 sizes.append((name, concept.latents.shape[0]))
@@ -169,7 +196,7 @@ class TrainingEngine:
     def lower_loss(self, data: DataBatch, teacher: TeacherOutputs) -> LowerLoss:
         """L_ft = w_diff L_diff + w_out L_out + w_feat L_feat on the data rows (student forward inside)."""
         cfg = self.config
-        need_features = cfg.w_feat > 0
+        need_features = cfg.w_feat > 0 and bool(self.student_taps.names)
         capture = self.student_taps.capture() if need_features else nullcontext([])
         with capture as student_maps, self.autocast():
             prediction = self.student(data.latents, data.timesteps, encoder_hidden_states=data.text_emb).sample
@@ -185,13 +212,34 @@ class TrainingEngine:
             total = total + cfg.w_feat * parts["feat"]
         return LowerLoss(total=total, parts=parts)
 
-    def upper_loss(self, concept: ConceptBatch, teacher: TeacherOutputs) -> torch.Tensor:
-        """L_cu: the objective's loss on the student's prediction under the concept condition."""
+    def upper_loss(self, concept: ConceptBatch | None, teacher: TeacherOutputs) -> torch.Tensor:
+        """L_cu: the objective's loss on the student's prediction under the concept condition, plus
+        preserve_weight * MSE(student, teacher) under the preserve prompts when --preserve is given."""
+        objective = self.objective
+        if objective.latents is None:  # a weight-space objective (UCE): no student forward
+            return objective.loss(None, teacher.concept_predictions, concept)
+        latents, timesteps, condition = concept.latents, concept.timesteps, concept.conditions["concept"]
+        rows = latents.shape[0]
+        if self.preserve_active:
+            latents, timesteps = torch.cat([latents, latents]), torch.cat([timesteps, timesteps])
+            condition = torch.cat([condition, concept.conditions["preserve"]])
         with self.autocast():
-            prediction = self.student(
-                concept.latents, concept.timesteps, encoder_hidden_states=concept.conditions["concept"]
-            ).sample
-        return self.objective.loss(prediction, teacher.concept_predictions)
+            prediction = self.student_forward(latents, timesteps, condition, objective.gradient_masks())
+        loss = objective.loss(prediction[:rows], teacher.concept_predictions, concept)
+        if self.preserve_active:
+            held = F.mse_loss(prediction[rows:].float(), teacher.concept_predictions["preserve"].float())
+            loss = loss + self.config.preserve_weight * held
+        return loss
+
+    def student_forward(self, latents, timesteps, condition, masks: dict[str, torch.Tensor] | None = None):
+        """The student's prediction; with masks (name -> bool tensor), gradients reach only the masked elements
+        of those parameters (same forward values: w = where(mask, w, sg(w)))."""
+        if not masks:
+            return self.student(latents, timesteps, encoder_hidden_states=condition).sample
+        params = dict(self.student.named_parameters())
+        restricted = {name: torch.where(mask, params[name], params[name].detach()) for name, mask in masks.items()}
+        return torch.func.functional_call(self.student, restricted, (latents, timesteps),
+                                          {"encoder_hidden_states": condition}).sample
 
     # ---- parameter sets ----------------------------------------------------------------------------
     def lower_parameters(self) -> list[nn.Parameter]:

@@ -20,22 +20,45 @@ def feature_blocks(unet: nn.Module) -> list[tuple[str, nn.Module]]:
     return blocks
 
 
+def pair_feature_blocks(student_shapes: dict[str, tuple], teacher_shapes: dict[str, tuple]) -> list[tuple[str, str]]:
+    """Which student block output is distilled from which teacher block output.
+
+    Shapes: block name -> (C, H, W) of its output, in forward order. Down blocks pair from the outermost stage
+    (index i with i), up blocks from the outermost stage too (the last with the last), the mid block with the
+    mid block; so a student without the innermost stage or the mid block (BK-SDM) pairs every stage it kept.
+    Pairs whose spatial sizes differ are dropped (1x1 projections bridge only channel widths).
+    """
+    def split(shapes):
+        names = list(shapes)
+        return ([n for n in names if n.startswith("down_blocks.")], [n for n in names if n == "mid_block"],
+                [n for n in names if n.startswith("up_blocks.")])
+
+    s_down, s_mid, s_up = split(student_shapes)
+    t_down, t_mid, t_up = split(teacher_shapes)
+    pairs = list(zip(s_down, t_down)) + list(zip(s_mid, t_mid))
+    pairs += list(zip(reversed(s_up), reversed(t_up)))[::-1]
+    return [(s, t) for s, t in pairs if tuple(student_shapes[s][1:]) == tuple(teacher_shapes[t][1:])]
+
+
 class BlockTaps:
     """Forward hooks that record block outputs while enabled.
 
+    names: the blocks to tap, in the order their outputs are listed (default: every block of ``feature_blocks``).
     rows: an optional slice of the batch to keep (the teacher's batched forward serves several losses and
     only the data rows feed feature distillation). detach: drop the graph (teacher) or keep it (student).
     """
 
-    def __init__(self, unet: nn.Module):
-        self.names = [name for name, _ in feature_blocks(unet)]
+    def __init__(self, unet: nn.Module, names: list[str] | None = None):
+        blocks = dict(feature_blocks(unet))
+        self.names = list(blocks) if names is None else list(names)
+        unknown = [n for n in self.names if n not in blocks]
+        if unknown:
+            raise ValueError(f"no block named {unknown} in this UNet; it has {list(blocks)}")
         self.outputs: list[torch.Tensor | None] = [None] * len(self.names)
         self.enabled = False
         self.rows: slice | None = None
         self.detach = False
-        self._handles = [
-            module.register_forward_hook(self._make_hook(i)) for i, (_, module) in enumerate(feature_blocks(unet))
-        ]
+        self._handles = [blocks[name].register_forward_hook(self._make_hook(i)) for i, name in enumerate(self.names)]
 
     def _make_hook(self, index: int):
         def hook(_module, _inputs, output):

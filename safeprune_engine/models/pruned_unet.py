@@ -296,3 +296,15 @@ class PrunedUNet2DConditionModel(UNet2DConditionModel):
 # library from __module__; the package name, unlike this submodule's, resolves in any process that has run
 # `import safeprune_engine` (diffusers only looks libraries up in sys.modules, and this submodule loads lazily).
 PrunedUNet2DConditionModel.__module__ = "safeprune_engine"
+
+
+def load_student_unet(path) -> UNet2DConditionModel:
+    """Load a saved student with the class its config names: a PrunedUNet2DConditionModel (width pruning) or a
+    plain UNet2DConditionModel (block removal, e.g. BK-SDM, whose config is a standard diffusers one)."""
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    if config.get("_class_name") == "PrunedUNet2DConditionModel" or "pruned_widths" in config:
+        return PrunedUNet2DConditionModel.from_pretrained(path)
+    return UNet2DConditionModel.from_pretrained(path)

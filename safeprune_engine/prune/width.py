@@ -13,14 +13,15 @@ Three kinds of prunable units, each removed whole so that every block output kee
   torch-pruning's low-level per-layer functions only apply the index choices.
 
 Importance of a unit is the sum over its channels of the L2 (``"l2"``) or L1 (``"l1"``) norm of the weights
-that produce the channel: ``conv1`` filters; ``to_q``, ``to_k`` and ``to_v`` rows; both GEGLU rows.
+that produce the channel: ``conv1`` filters; ``to_q``, ``to_k`` and ``to_v`` rows; both GEGLU rows. Any other
+score (e.g. first-order Taylor, ``safeprune_engine.prune.taylor``) can be passed as a callable instead.
 """
 from __future__ import annotations
 
 import copy
 import math
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Union
 
 import torch
 from torch import nn
@@ -33,6 +34,10 @@ if TYPE_CHECKING:
 
 PARTS = ("resnets", "attention", "feedforward")
 IMPORTANCES = ("l1", "l2")
+
+# a custom importance: (section, module name, module) -> score per unit, shape [n_units]; its ``name`` attribute
+# (if any) is what the report records
+UnitScores = Callable[[str, str, nn.Module], torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------------------------ report
@@ -48,12 +53,15 @@ class PruneReport:
     params_after: int
     macs_before: int
     macs_after: int
-    ratio: float
+    ratio: float | None  # None for methods that fix the architecture themselves (BK-SDM block removal)
     importance: str = "l2"
     target_macs: float | None = None
     sample_size: int | tuple[int, int] | None = None
     pruned_widths: dict = field(default_factory=dict)
     kept: dict = field(default_factory=dict)
+    method: str = "magnitude"  # the --prune-method that made the student
+    removed: list = field(default_factory=list)  # teacher modules with no counterpart in the student (block removal)
+    fresh: list = field(default_factory=list)  # student tensors not copied from the teacher (initialised anew)
 
     @property
     def params_fraction(self) -> float:
@@ -67,10 +75,15 @@ class PruneReport:
         """One line per fact, e.g. for logs."""
         n_layers = sum(len(v) for v in self.pruned_widths.values())
         target = "" if self.target_macs is None else f" (target {self.target_macs:.1%} of MACs)"
+        if self.ratio is None:
+            headline = (f"{self.method}: {len(self.removed)} teacher blocks removed, "
+                        f"{len(self.fresh)} student tensors initialised anew (the rest copied from the teacher)")
+        else:
+            headline = (f"{self.method} width pruning: uniform ratio {self.ratio:.4f}{target}, importance "
+                        f"{self.importance}, {n_layers} layers shrunk")
         return "\n".join(
             [
-                f"width pruning: uniform ratio {self.ratio:.4f}{target}, importance {self.importance}, "
-                f"{n_layers} layers shrunk",
+                headline,
                 f"params: {self.params_before:,} -> {self.params_after:,} ({self.params_fraction:.1%})",
                 f"MACs:   {self.macs_before:,} -> {self.macs_after:,} ({self.macs_fraction:.1%})"
                 f" at sample_size {self.sample_size}",
@@ -353,8 +366,8 @@ def _check_args(ratio, target_macs, importance, parts) -> None:
     if target_macs is not None:
         if isinstance(target_macs, bool) or not isinstance(target_macs, (int, float)) or not 0.0 < target_macs <= 1.0:
             raise SafepruneError(f"target_macs must be a fraction of the teacher's MACs in (0, 1], got {target_macs!r}")
-    if importance not in IMPORTANCES:
-        raise SafepruneError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
+    if not callable(importance) and importance not in IMPORTANCES:
+        raise SafepruneError(f"importance must be one of {IMPORTANCES} or a callable scoring units, got {importance!r}")
     unknown = set(parts) - set(PARTS)
     if unknown or not set(parts):
         raise SafepruneError(f"parts must be a non-empty subset of {PARTS}, got {tuple(parts)!r}")
@@ -364,10 +377,11 @@ def prune(
     unet: nn.Module,
     ratio: float | None = None,
     target_macs: float | None = None,
-    importance: str = "l2",
+    importance: Union[str, UnitScores] = "l2",
     sample_size: int | None = None,
     *,
     parts: Iterable[str] = PARTS,
+    method: str = "magnitude",
 ) -> tuple["PrunedUNet2DConditionModel", PruneReport]:
     """Prune a copy of ``unet`` (the teacher, left untouched) to a smaller student with the same interface.
 
@@ -379,9 +393,11 @@ def prune(
             by bisection over the ratios where the rounded widths change, on MACs counted from one hooked teacher
             forward, and the one closest to the target is used. Exactly one of ``ratio`` / ``target_macs``.
             Raises ``SafepruneError`` when even one unit per layer costs more than the target.
-        importance: "l2" or "l1" norm of the weights producing each unit (see module docstring).
+        importance: "l2" or "l1" norm of the weights producing each unit (see module docstring), or a callable
+            ``(section, name, module) -> scores [n_units]`` called on the teacher's (unpruned) layer.
         sample_size: latent height/width for MAC counting; default ``unet.config.sample_size``.
         parts: which unit kinds to prune, a subset of ``("resnets", "attention", "feedforward")``.
+        method: the pruning method's name, recorded in the report.
 
     Returns:
         ``(student, report)``: a PrunedUNet2DConditionModel with the teacher's dtype, device and train/eval mode
@@ -408,7 +424,11 @@ def prune(
         if n_keep == n:
             continue
         module = student_layers[(section, name)]
-        keep = _keep_top(unit_importance(section, module, importance), n_keep)
+        if callable(importance):
+            scores = importance(section, name, module)
+        else:
+            scores = unit_importance(section, module, importance)
+        keep = _keep_top(scores, n_keep)
         new_widths[section][name] = _width_entry(section, module, n_keep)
         _APPLY[section](module, keep)
         kept[section][name] = keep
@@ -422,10 +442,11 @@ def prune(
         macs_before=mac_model.total,
         macs_after=mac_model.macs(ratio),
         ratio=float(ratio),
-        importance=importance,
+        importance=importance if isinstance(importance, str) else getattr(importance, "name", "custom"),
         target_macs=None if target_macs is None else float(target_macs),
         sample_size=unet.config.sample_size if sample_size is None else sample_size,
         pruned_widths=widths,
         kept=kept,
+        method=method,
     )
     return student, report

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import OBJECTIVES, UnlearnObjective
+from .base import OBJECTIVES, UnlearnObjective, is_cross_attention
 
 
 def esd_target(teacher_concept: torch.Tensor, teacher_anchor: torch.Tensor, eta: float) -> torch.Tensor:
@@ -18,14 +18,11 @@ def esd_target(teacher_concept: torch.Tensor, teacher_anchor: torch.Tensor, eta:
     return anchor - eta * (teacher_concept.float() - anchor)
 
 
-def is_cross_attention(parameter_name: str) -> bool:
-    return ".attn2." in parameter_name
-
-
 class _ESD(UnlearnObjective):
     teacher_conditions = ("concept", "anchor")
+    latents = "noisy"
 
-    def loss(self, student_prediction, teacher_predictions):
+    def loss(self, student_prediction, teacher_predictions, batch=None):
         target = esd_target(teacher_predictions["concept"], teacher_predictions["anchor"], self.config.eta)
         return F.mse_loss(student_prediction.float(), target)
 
