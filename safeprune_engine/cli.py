@@ -123,6 +123,18 @@ def run_config_from_args(args) -> "RunConfig":
     return dataclasses.replace(config, **overrides)  # validated by train(), after built-in defaults
 
 
+def explicit_fields(args) -> set[str]:
+    """RunConfig fields the user set (flags or config-file keys), whatever their value: the built-in default
+    fills in only the others, so an explicit value equal to RunConfig's default is still honoured."""
+    names = {name for name in RUN_FLAGS if getattr(args, name) is not None}
+    if args.config:
+        import yaml
+
+        values = yaml.safe_load(open(args.config).read()) or {}  # JSON is YAML; validated by from_file above
+        names |= {str(key).replace("-", "_") for key in values}
+    return names
+
+
 def command_run(args) -> int:
     from .api import train
 
@@ -131,7 +143,7 @@ def command_run(args) -> int:
         # the built-in default: the toy world, one student per method, evaluated and reported
         from .toy.default_run import METHODS, run_default
 
-        run_default(config, methods=(args.method,) if args.method else METHODS)
+        run_default(config, methods=(args.method,) if args.method else METHODS, explicit=explicit_fields(args))
         return 0
     result = train(config)
     print(f"done: {result.steps_run} steps; student pipeline at {result.pipeline_dir}")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from safeprune_engine.config import RunConfig
-from safeprune_engine.toy.default_run import METHODS, run_default
+from safeprune_engine.toy.default_run import METHODS, TOY_TRAINING, run_default, toy_defaults
 
 
 def test_short_default_run_writes_every_report_section(tmp_path):
@@ -35,6 +35,24 @@ def test_short_default_run_writes_every_report_section(tmp_path):
     from safeprune_engine.toy.default_run import _finished
 
     assert all(_finished(out / m, 4) for m in METHODS) and not _finished(out / "bilevel", 5)
+
+
+def test_toy_defaults_fill_only_what_the_user_did_not_set(tmp_path):
+    stock = RunConfig(out=str(tmp_path))
+    assert toy_defaults(stock).steps == TOY_TRAINING["steps"] != stock.steps
+    # an explicit value equal to RunConfig's own default is still the user's choice
+    assert toy_defaults(stock.replace(steps=stock.steps), explicit={"steps"}).steps == stock.steps
+    ratio = toy_defaults(stock.replace(prune_ratio=0.3), explicit={"prune_ratio"})
+    assert ratio.prune_ratio == 0.3 and ratio.target_macs is None  # a ratio replaces the toy's MACs target
+
+
+def test_cli_passes_explicit_flags_and_config_keys(tmp_path):
+    from safeprune_engine.cli import build_parser, explicit_fields
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("batch-size: 4\nlr: 0.0001\n")
+    args = build_parser().parse_args(["run", "--steps", "1000", "--config", str(config_file)])
+    assert explicit_fields(args) == {"steps", "batch_size", "lr"}
 
 
 @pytest.mark.slow
