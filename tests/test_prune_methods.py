@@ -303,11 +303,16 @@ def test_every_prune_method_trains_and_exports(world, tmp_path, method):
         assert torch.equal(a, b.cpu()), name
 
 
-def test_the_readme_pruning_plugin_runs(world, tmp_path, monkeypatch, capsys):
+def test_the_readme_pruning_plugin_runs(world, tmp_path, monkeypatch, request):
     import re
+    import sys
     from pathlib import Path
 
     from safeprune_engine.cli import main
+
+    PRUNE_METHODS.names()  # discover the built-ins first: the copy below must hold them
+    monkeypatch.setattr(PRUNE_METHODS, "_entries", dict(PRUNE_METHODS._entries))  # the registration ends with the test
+    request.addfinalizer(lambda: sys.modules.pop("my_methods", None))
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     example = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if b.startswith("# my_methods.py"))

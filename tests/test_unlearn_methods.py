@@ -288,7 +288,7 @@ def test_resume_continues_bit_for_bit_with_objective_state(world, tmp_path, eras
     (dict(erase_method="salun", salun_base="salun"), "salun-base"),
     (dict(erase_method="salun", salun_topk=1.5), "salun-topk"),
     (dict(preserve=["  "]), "preserve"),
-    (dict(prune_method="random"), "unknown prune method"),
+    (dict(prune_method="no-such-method"), "unknown prune method"),
     (dict(plugins=["no_such_module_anywhere"]), "cannot import"),
 ])
 def test_bad_settings_are_refused(overrides, match):
@@ -319,9 +319,14 @@ def readme_example(file_name: str) -> str:
     return next(block for block in blocks if block.startswith(f"# {file_name}"))
 
 
-def test_the_readme_objective_plugin_runs(world, tmp_path, monkeypatch):
+def test_the_readme_objective_plugin_runs(world, tmp_path, monkeypatch, request):
+    import sys
+
     (tmp_path / "my_objectives.py").write_text(readme_example("my_objectives.py"))
     monkeypatch.syspath_prepend(str(tmp_path))
+    OBJECTIVES.names()  # discover the built-ins first: the copy below must hold them
+    monkeypatch.setattr(OBJECTIVES, "_entries", dict(OBJECTIVES._entries))  # the registration ends with the test
+    request.addfinalizer(lambda: sys.modules.pop("my_objectives", None))
     engine, solver = make_engine(world, erase_method="anchor-match", plugins=["my_objectives"], steps=6,
                                  two_stage_erase_steps=5)
     assert type(engine.objective).__name__ == "AnchorMatch" and "anchor-match" in OBJECTIVES.names()
