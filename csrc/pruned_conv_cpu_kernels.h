@@ -1,0 +1,82 @@
+// Pruned-convolution register-tile micro-kernels, one ISA copy per inclusion (see cpu_isa.h): no includes and
+// no namespace here; pruned_conv_cpu.cpp includes it inside namespaces generic / avx2 / avx512 after defining
+// MR and NR<T>(). A tile is MR rows x NR columns (NR = 128 bytes of T). Each copy keeps its accumulators in the
+// widest vectors of its ISA (GCC vector extensions: 64 bytes for AVX-512, 32 for AVX2, 16 for SSE2) and walks
+// the MR rows in passes of as many rows as about 12 accumulator registers hold, so nothing spills.
+
+// set by the includer per ISA copy (`#pragma GCC target` does not update __AVX2__/__AVX512F__ for C++)
+constexpr int64_t VECTOR_BYTES = SAFEPRUNE_VECTOR_BYTES;
+
+template <typename T>
+struct Vec {
+  // aligned(sizeof(T)): loads through it may be unaligned
+  typedef T type __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T))));
+};
+
+template <typename T>
+constexpr int64_t vectors_per_row() { return NR<T>() * int64_t(sizeof(T)) / VECTOR_BYTES; }
+
+template <typename T>
+constexpr int64_t rows_per_pass() {  // a divisor of MR (6) with rows * vectors_per_row <= 12 where possible
+  constexpr int64_t fit = 12 / vectors_per_row<T>();
+  return fit >= MR ? MR : (fit >= 3 ? 3 : (fit >= 2 ? 2 : 1));
+}
+
+// out[m][j] = sum_t sum_{c<K} a[tap_off[t] + m*a_step + c] * b_taps[t][c*NR + j]      (m < MR, j < NR)
+// (rows: pixels; columns: output channels for the forward, input channels for grad_input)
+template <typename T>
+void pixel_tile(int64_t ntaps, const int64_t* tap_off, int64_t K, const T* a, int64_t a_step,
+                const T* const* b_taps, T* out) {
+  typedef typename Vec<T>::type V;
+  constexpr int64_t L = VECTOR_BYTES / sizeof(T), NV = vectors_per_row<T>(), RB = rows_per_pass<T>();
+  constexpr int64_t nr = NR<T>();
+  for (int64_t r0 = 0; r0 < MR; r0 += RB) {
+    V acc[RB][NV];
+    for (int64_t m = 0; m < RB; ++m)
+      for (int64_t v = 0; v < NV; ++v) acc[m][v] = V{};
+    for (int64_t t = 0; t < ntaps; ++t) {
+      const T* at = a + tap_off[t] + r0 * a_step;
+      const T* bt = b_taps[t];
+      for (int64_t c = 0; c < K; ++c) {
+        V b[NV];
+        for (int64_t v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const V*>(bt + c * nr + v * L);
+        for (int64_t m = 0; m < RB; ++m) {
+          const T av = at[m * a_step + c];
+          for (int64_t v = 0; v < NV; ++v) acc[m][v] += av * b[v];
+        }
+      }
+    }
+    for (int64_t m = 0; m < RB; ++m)
+      for (int64_t v = 0; v < NV; ++v) std::memcpy(out + (r0 + m) * nr + v * L, &acc[m][v], sizeof(V));
+  }
+}
+
+// acc[m][j] += sum_{r<rows} sum_{q<cols} a[r*a_row + q*a_col + m] * g[r*g_row + q*g_col + j]   (m < MR, j < NR)
+// (rows: input channels; columns: output channels; the sum runs over output pixels: grad_weight)
+template <typename T>
+void channel_tile(int64_t rows, int64_t cols, const T* a, int64_t a_row, int64_t a_col, const T* g,
+                  int64_t g_row, int64_t g_col, T* acc_io) {
+  typedef typename Vec<T>::type V;
+  constexpr int64_t L = VECTOR_BYTES / sizeof(T), NV = vectors_per_row<T>(), RB = rows_per_pass<T>();
+  constexpr int64_t nr = NR<T>();
+  for (int64_t r0 = 0; r0 < MR; r0 += RB) {
+    V acc[RB][NV];
+    for (int64_t m = 0; m < RB; ++m)
+      for (int64_t v = 0; v < NV; ++v) std::memcpy(&acc[m][v], acc_io + (r0 + m) * nr + v * L, sizeof(V));
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* ar = a + r * a_row + r0;
+      const T* gr = g + r * g_row;
+      for (int64_t q = 0; q < cols; ++q) {
+        V gv[NV];
+        for (int64_t v = 0; v < NV; ++v) gv[v] = *reinterpret_cast<const V*>(gr + q * g_col + v * L);
+        const T* aq = ar + q * a_col;
+        for (int64_t m = 0; m < RB; ++m) {
+          const T av = aq[m];
+          for (int64_t v = 0; v < NV; ++v) acc[m][v] += av * gv[v];
+        }
+      }
+    }
+    for (int64_t m = 0; m < RB; ++m)
+      for (int64_t v = 0; v < NV; ++v) std::memcpy(acc_io + (r0 + m) * nr + v * L, &acc[m][v], sizeof(V));
+  }
+}

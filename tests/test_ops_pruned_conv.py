@@ -1,0 +1,396 @@
+"""Pruned convolution: every available backend against the torch reference (the definition), forward and every
+gradient, on fresh random inputs; float64 gradcheck of the C++ path; opcheck; torch.compile; the module and the
+dispatcher's choices for this op."""
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from safeprune_engine.errors import SafepruneError
+from safeprune_engine.ops import dispatch
+from safeprune_engine.ops.pruned_conv import (OP, PrunedConv2d, groupnorm_scale_shift, output_size, pruned_conv,
+                                              pruned_conv_reference)
+
+KERNEL_BACKENDS = ("cpp", "triton", "cuda")
+BACKENDS = ("reference",) + KERNEL_BACKENDS  # the reference's own backward formula is checked against autograd too
+# max |error| allowed, relative to max |reference| of the same tensor (outputs and gradients are sums of many
+# products, so an absolute/relative elementwise rule is either loose on large values or tight near zero)
+RELATIVE_TOL = {torch.float64: 1e-10, torch.float32: 3e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def no_env(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32_on_gpu():
+    # TF32 would need 1e-3 tolerances; the kernels follow torch's cuDNN switch, so turn it off for the comparison
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
+def device_for(backend: str) -> str:
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def skip_unless_available(backend: str, *args):
+    reasons = dispatch.available_backends(OP, *args)[backend]
+    if reasons:
+        pytest.skip(f"{backend} backend unavailable here: {'; '.join(reasons)}")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    n: int
+    c_in: int        # dense weight input channels
+    k_in: int        # kept input channels
+    c_out: int       # dense weight output channels
+    k_out: int       # kept output channels
+    h: int
+    w: int
+    k: int
+    stride: int
+    padding: int
+    gather: bool = False     # x is the dense [N, c_in, H, W] activation
+    prologue: bool = False
+    epilogue: bool = False   # bias + temb + residual + out_scale
+    tiny: bool = True        # small enough for the Triton interpreter
+
+    def __str__(self):
+        return self.name
+
+
+CASES = [
+    Case("minimal", 1, 1, 1, 1, 1, 3, 3, 3, 1, 1),
+    Case("odd_37of64_3x3_fused", 2, 64, 37, 50, 41, 8, 9, 3, 1, 1, prologue=True, epilogue=True),
+    Case("dense_input_gather_s2", 2, 64, 37, 48, 29, 9, 11, 3, 2, 1, gather=True, prologue=True, epilogue=True),
+    Case("shortcut_1x1", 2, 40, 25, 32, 32, 8, 8, 1, 1, 0, epilogue=True),
+    Case("gather_1x1_s2", 1, 48, 13, 35, 22, 10, 7, 1, 2, 0, gather=True),
+    # SD-1.5 resnet conv2 of the 320-wide stage scaled down by 8 (320 -> 40, 200 kept -> 25), 64x64 -> 16x16
+    Case("sd_320_scaled_25of40", 2, 40, 25, 40, 40, 16, 16, 3, 1, 1, prologue=True, epilogue=True),
+    # SD-1.5 downsampler (3x3 stride 2) scaled down
+    Case("sd_downsample_scaled", 1, 40, 40, 40, 40, 16, 16, 3, 2, 1),
+    # real pruned widths (200 of 320 in, 320 out), small image: C++ only (too slow for the interpreter)
+    Case("pruned_200of320", 1, 320, 200, 320, 320, 8, 8, 3, 1, 1, prologue=True, epilogue=True, tiny=False),
+]
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device: str, seed: int = 0):
+    """Fresh random inputs (leaf tensors) for `case` in `dtype` (the prologue's scale/shift in fp32/fp64)."""
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def rand(*shape, dt=dtype, scale=1.0, offset=0.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + offset).to(device, dt).requires_grad_()
+
+    ho, wo = output_size(case.h, case.k, case.stride, case.padding), output_size(case.w, case.k, case.stride, case.padding)
+    fan_in = case.k_in * case.k * case.k
+    inputs = dict(
+        x=rand(case.n, case.c_in if case.gather else case.k_in, case.h, case.w),
+        weight=rand(case.c_out, case.c_in, case.k, case.k, scale=fan_in ** -0.5),
+        in_index=torch.randperm(case.c_in, generator=g)[: case.k_in].to(device),
+        out_index=torch.randperm(case.c_out, generator=g)[: case.k_out].to(device, torch.int32),
+        stride=case.stride, padding=case.padding, gather_input=case.gather,
+    )
+    if case.prologue:
+        inputs["norm_scale"] = rand(case.n, case.k_in, dt=acc, scale=0.3, offset=1.0)
+        inputs["norm_shift"] = rand(case.n, case.k_in, dt=acc, scale=0.5)
+    if case.epilogue:
+        inputs["bias"] = rand(case.c_out)
+        inputs["temb_bias"] = rand(case.n, case.k_out)
+        inputs["residual"] = rand(case.n, case.k_out, ho, wo)
+        inputs["out_scale"] = 0.75
+    return inputs
+
+
+def differentiable(inputs: dict) -> dict:
+    return {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad}
+
+
+def as_float64_reference(inputs: dict) -> dict:
+    """The same values in float64 (fresh leaves), for the exact reference."""
+    out = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            out[key] = value.detach().double().requires_grad_(value.requires_grad)
+        else:
+            out[key] = value
+    return out
+
+
+def reference_call(inputs: dict) -> torch.Tensor:
+    args = dict(inputs)
+    return pruned_conv_reference(args.pop("x"), args.pop("weight"), args.pop("bias", None), args.pop("in_index"),
+                                 args.pop("out_index"), **args)
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str):
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = expected.abs().max().item()
+    err = (actual.double() - expected.double()).abs().max().item()
+    tol = RELATIVE_TOL[dtype] * max(scale, 1e-12)
+    assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g} (max |ref| {scale:.3g}, {dtype})"
+
+
+def backend_dtypes(backend):
+    if backend == "reference":
+        return [torch.float32, torch.bfloat16]
+    return [torch.float32, torch.float16, torch.bfloat16] + ([torch.float64] if backend == "cpp" else [])
+
+
+PARAMS = [pytest.param(b, c, d, id=f"{b}-{c}-{str(d).replace('torch.', '')}")
+          for b in BACKENDS for c in CASES for d in backend_dtypes(b)
+          if c.tiny or b != "triton"]
+
+
+@pytest.mark.parametrize("backend,case,dtype", PARAMS)
+def test_backend_matches_reference_forward_and_every_gradient(backend, case, dtype):
+    device = device_for(backend)
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    inputs = make_inputs(case, dtype, device, seed=zlib.crc32(case.name.encode()) % 1000)
+    args = dict(inputs)
+    x, weight = args.pop("x"), args.pop("weight")
+    skip_unless_available(backend, x, weight)
+
+    out = pruned_conv(x, weight, args.pop("bias", None), args.pop("in_index"), args.pop("out_index"),
+                      backend=backend, **args)
+    ref_inputs = as_float64_reference(inputs)
+    expected = reference_call(ref_inputs)
+    assert out.dtype == dtype
+    assert_close_rel(out, expected, dtype, "output")
+
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    leaves = differentiable(inputs)
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_out.to(device, dtype))
+    ref_leaves = differentiable(ref_inputs)
+    ref_grads = torch.autograd.grad(expected, list(ref_leaves.values()), grad_out.to(device))
+    for (name, leaf), grad, ref_grad in zip(leaves.items(), grads, ref_grads):
+        assert grad.dtype == leaf.dtype, f"grad {name} dtype"
+        assert_close_rel(grad, ref_grad, dtype, f"grad {name}")
+
+    # the scattered gradients are exactly zero outside what the op reads
+    grad_w = grads[list(leaves).index("weight")]
+    kept = torch.zeros(case.c_out, case.c_in, dtype=torch.bool, device=device)
+    kept[inputs["out_index"].long()[:, None], inputs["in_index"].long()[None, :]] = True
+    assert (grad_w[~kept] == 0).all()
+    if case.gather:
+        unread = torch.ones(case.c_in, dtype=torch.bool, device=device)
+        unread[inputs["in_index"].long()] = False
+        assert (grads[0][:, unread] == 0).all()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_channels_last_input(backend):
+    device = device_for(backend)
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    case = CASES[2]  # dense input, stride 2, prologue and epilogue
+    inputs = make_inputs(case, torch.float32, device, seed=7)
+    x = inputs["x"].detach().to(memory_format=torch.channels_last).requires_grad_()
+    inputs["x"] = x
+    args = dict(inputs)
+    skip_unless_available(backend, x, args["weight"])
+    out = pruned_conv(args.pop("x"), args.pop("weight"), args.pop("bias"), args.pop("in_index"),
+                      args.pop("out_index"), backend=backend, **args)
+    ref_inputs = as_float64_reference(inputs)
+    expected = reference_call(ref_inputs)
+    assert_close_rel(out, expected, torch.float32, "output")
+    grad_out = torch.randn_like(expected).to(memory_format=torch.channels_last)
+    (gx,) = torch.autograd.grad(out, [x], grad_out.float())
+    (ref_gx,) = torch.autograd.grad(expected, [ref_inputs["x"]], grad_out)
+    assert_close_rel(gx, ref_gx, torch.float32, "grad x")
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_cpp_lower_instruction_sets_match(isa, monkeypatch):
+    """Every ISA copy of the C++ micro-kernels (SAFEPRUNE_CPU_ISA forces a lower one) computes the same op."""
+    skip_unless_available("cpp")
+    case = CASES[1]
+    inputs = make_inputs(case, torch.float32, "cpu", seed=3)
+    monkeypatch.setenv("SAFEPRUNE_CPU_ISA", isa)
+    args = dict(inputs)
+    out = pruned_conv(args.pop("x"), args.pop("weight"), args.pop("bias"), args.pop("in_index"), args.pop("out_index"),
+                      backend="cpp", **args)
+    leaves = differentiable(inputs)
+    grads = torch.autograd.grad(out.sum(), list(leaves.values()))
+    ref_inputs = as_float64_reference(inputs)
+    expected = reference_call(ref_inputs)
+    ref_grads = torch.autograd.grad(expected.sum(), list(differentiable(ref_inputs).values()))
+    assert_close_rel(out, expected, torch.float32, f"output ({isa})")
+    for name, grad, ref in zip(leaves, grads, ref_grads):
+        assert_close_rel(grad, ref, torch.float32, f"grad {name} ({isa})")
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4]], ids=str)
+def test_cpp_gradcheck_float64(case):
+    skip_unless_available("cpp")
+    small = Case(case.name, 1, min(case.c_in, 7), min(case.k_in, 5), min(case.c_out, 6), min(case.k_out, 4),
+                 5, 6, case.k, case.stride, case.padding, case.gather, case.prologue, case.epilogue)
+    inputs = make_inputs(small, torch.float64, "cpu", seed=11)
+    leaves = differentiable(inputs)
+    fixed = {k: v for k, v in inputs.items() if k not in leaves}
+
+    def fn(*tensors):
+        kw = dict(fixed, **dict(zip(leaves, tensors)))
+        return pruned_conv(kw.pop("x"), kw.pop("weight"), kw.pop("bias", None), kw.pop("in_index"),
+                           kw.pop("out_index"), backend="cpp", **kw)
+
+    assert torch.autograd.gradcheck(fn, tuple(leaves.values()), eps=1e-6, atol=1e-7)
+
+
+def _op_args(inputs: dict, backend: str) -> tuple:
+    d = {k: (v.detach().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+         for k, v in inputs.items()}
+    return (d["x"], d["weight"], d.get("bias"), d["in_index"], d["out_index"], d["stride"], d["padding"],
+            d["gather_input"], d.get("norm_scale"), d.get("norm_shift"), d.get("temb_bias"), d.get("residual"),
+            d.get("out_scale", 1.0), backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_opcheck(backend):
+    if backend != "reference":
+        skip_unless_available(backend)
+    inputs = make_inputs(Case("opcheck", 2, 12, 7, 10, 6, 6, 5, 3, 2, 1, gather=True, prologue=True,
+                              epilogue=True), torch.float32, "cpu", seed=5)
+    args = _op_args(inputs, backend)
+    torch.library.opcheck(torch.ops.safeprune.pruned_conv.default, args)
+    # the backward op has no derivative of its own (double backward is not supported): plain tensors
+    x, weight, norm_scale, norm_shift = (t.detach() for t in (args[0], args[1], args[8], args[9]))
+    grad_out = torch.randn(2, 6, 3, 3)
+    backward_args = (grad_out, x, weight, args[3], args[4], 2, 1, True, norm_scale, norm_shift, 0.75, True, True,
+                     backend)
+    torch.library.opcheck(torch.ops.safeprune.pruned_conv_backward.default, backward_args)
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    skip_unless_available("cpp")
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3, padding=1)
+    module = PrunedConv2d.from_conv(conv, in_index=torch.arange(0, 16, 2), out_index=torch.tensor([5, 1, 20, 7]),
+                                    backend="cpp")
+    norm = nn.GroupNorm(4, 8)
+
+    def block(x, temb, residual):
+        scale, shift = groupnorm_scale_shift(x, 4, norm.weight, norm.bias, norm.eps)
+        return module(x, norm_scale=scale, norm_shift=shift, temb_bias=temb, residual=residual)
+
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    temb, residual = torch.randn(2, 4), torch.randn(2, 4, 6, 6)
+    compiled = torch.compile(block, fullgraph=True)
+    out = compiled(x, temb, residual)
+    expected = block(x, temb, residual)
+    torch.testing.assert_close(out, expected)
+    (gx,) = torch.autograd.grad(out.square().sum(), [x])
+    (ref_gx,) = torch.autograd.grad(expected.square().sum(), [x])
+    torch.testing.assert_close(gx, ref_gx)
+
+
+# ----------------------------------------------------------------------------------------------- the module
+def test_pruned_conv2d_is_a_drop_in_for_conv2d_and_shares_its_parameters():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(13, 11, 3, stride=2, padding=1)
+    module = PrunedConv2d.from_conv(conv, backend="reference")
+    assert module.weight is conv.weight and module.bias is conv.bias
+    assert list(module.state_dict()) == list(conv.state_dict()) == ["weight", "bias"]
+    x = torch.randn(2, 13, 9, 10)
+    torch.testing.assert_close(module(x), conv(x))
+    module(x).sum().backward()
+    grad = conv.weight.grad.clone()
+    conv.weight.grad = None
+    conv(x).sum().backward()
+    torch.testing.assert_close(grad, conv.weight.grad)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_masked_subnetwork_equals_the_sliced_conv(backend):
+    if backend != "reference":
+        skip_unless_available(backend)
+    torch.manual_seed(1)
+    teacher = nn.Conv2d(64, 48, 3, padding=1)
+    keep_in, keep_out = torch.randperm(64)[:37], torch.randperm(48)[:29]
+    student = PrunedConv2d.from_conv(teacher, keep_in, keep_out, backend=backend)
+    sliced = nn.Conv2d(37, 29, 3, padding=1)
+    with torch.no_grad():
+        sliced.weight.copy_(teacher.weight[keep_out][:, keep_in])
+        sliced.bias.copy_(teacher.bias[keep_out])
+    x = torch.randn(2, 37, 8, 8)
+    torch.testing.assert_close(student(x), sliced(x), atol=1e-5, rtol=1e-4)
+    # the same computation on the dense activation, reading only the kept channels
+    dense_reader = PrunedConv2d.from_conv(teacher, keep_in, keep_out, gather_input=True, backend=backend)
+    dense_x = torch.randn(2, 64, 8, 8)
+    torch.testing.assert_close(dense_reader(dense_x), sliced(dense_x[:, keep_in]), atol=1e-5, rtol=1e-4)
+
+
+def test_pruned_conv2d_rejects_bad_indices_and_unsupported_convs():
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    with pytest.raises(SafepruneError, match="repeats a channel"):
+        PrunedConv2d.from_conv(conv, in_index=torch.tensor([0, 1, 1]))
+    with pytest.raises(SafepruneError, match="outside"):
+        PrunedConv2d.from_conv(conv, out_index=torch.tensor([0, 8]))
+    with pytest.raises(SafepruneError, match="groups=2"):
+        PrunedConv2d.from_conv(nn.Conv2d(8, 8, 3, groups=2))
+    with pytest.raises(SafepruneError, match="dilation"):
+        PrunedConv2d.from_conv(nn.Conv2d(8, 8, 3, dilation=2))
+    with pytest.raises(SafepruneError, match="x must be"):
+        PrunedConv2d.from_conv(conv, in_index=torch.arange(4))(torch.randn(1, 8, 5, 5))
+    with pytest.raises(SafepruneError, match="backend argument is 'fast'"):
+        pruned_conv(torch.randn(1, 8, 5, 5), conv.weight, backend="fast")
+
+
+def test_groupnorm_scale_shift_is_groupnorm():
+    torch.manual_seed(2)
+    x = torch.randn(2, 12, 5, 7, dtype=torch.float64) * 3 + 1
+    norm = nn.GroupNorm(4, 12, eps=1e-6).double()
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    scale, shift = groupnorm_scale_shift(x, 4, norm.weight, norm.bias, norm.eps)
+    torch.testing.assert_close(x * scale[:, :, None, None] + shift[:, :, None, None], norm(x))
+    index = torch.tensor([11, 0, 5])
+    s_idx, b_idx = groupnorm_scale_shift(x, 4, norm.weight, norm.bias, norm.eps, index=index)
+    torch.testing.assert_close(s_idx, scale[:, index])
+    torch.testing.assert_close(b_idx, shift[:, index])
+
+
+def test_prologue_equals_groupnorm_silu_then_conv():
+    """The fused form of diffusers' norm -> SiLU -> conv, with padding applied after the activation."""
+    torch.manual_seed(3)
+    norm, conv = nn.GroupNorm(4, 16), nn.Conv2d(16, 8, 3, padding=1)
+    nn.init.normal_(norm.bias)  # silu(shift) != 0 would show up at the border if padding came first
+    x = torch.randn(2, 16, 6, 6)
+    scale, shift = groupnorm_scale_shift(x, 4, norm.weight, norm.bias, norm.eps)
+    for backend in ("reference", "cpp"):
+        if dispatch.available_backends(OP, x, conv.weight)[backend]:
+            continue
+        out = pruned_conv(x, conv.weight, conv.bias, padding=1, norm_scale=scale, norm_shift=shift, backend=backend)
+        torch.testing.assert_close(out, conv(F.silu(norm(x))), atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- dispatch
+def test_dispatch_choices_for_this_op(monkeypatch):
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)
+    table = dispatch.available_backends(OP, x, w)
+    assert list(table) == ["cuda", "triton", "cpp", "reference"]
+    assert any("cuda" in r for r in table["cuda"])
+    if not table["cpp"] and not os.environ.get("TRITON_INTERPRET"):
+        assert dispatch.choose(OP, x, w).name == "cpp"
+    assert dispatch.choose(OP, x, w, backend="off").name == "reference"
+    with pytest.raises(SafepruneError, match="backend 'cuda' cannot run op 'pruned_conv'"):
+        pruned_conv(x, w, padding=1, backend="cuda")
+    x64, w64 = x.double(), w.double()
+    assert any("float64" in r for r in dispatch.available_backends(OP, x64, w64)["triton"])
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    torch.testing.assert_close(pruned_conv(x, w, padding=1), F.conv2d(x, w, padding=1))
