@@ -1,0 +1,210 @@
+"""patch_unet / unpatch_unet: patched UNets (dense tiny and pruned) agree with the unpatched ones in outputs and
+gradients; unpatching restores the state dict and the outputs exactly; backends are forced by argument."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from safeprune_engine.errors import SafepruneError
+from safeprune_engine.ops import dispatch
+from safeprune_engine.ops.pruned_conv import PrunedConv2d
+from safeprune_engine.patching import GroupNormSiLU, patch_unet, unpatch_unet
+from safeprune_engine.testing import tiny_unet
+
+OPS_VARIANTS = [("groupnorm_silu", "conv"), ("conv_prologue",), ("groupnorm_silu",), ("conv",)]
+REL_TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+def skip_unless(backend: str, *ops_names: str):
+    for op in ops_names:
+        reasons = dispatch.available_backends(op).get(backend, [f"no {backend} backend"])
+        if reasons:
+            pytest.skip(f"{backend} backend of {op} unavailable here: {'; '.join(reasons)}")
+
+
+def unet_inputs(unet, batch: int = 2, seed: int = 1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    sample = torch.randn(batch, unet.config.in_channels, size, size, generator=g).to(dtype)
+    timestep = torch.randint(0, 1000, (batch,), generator=g)
+    text = torch.randn(batch, 7, unet.config.cross_attention_dim, generator=g).to(dtype)
+    return sample, timestep, text
+
+
+def output_and_grads(unet, inputs):
+    sample = inputs[0].clone().requires_grad_()
+    out = unet(sample, *inputs[1:]).sample
+    g = torch.Generator().manual_seed(9)
+    upstream = torch.randn(out.shape, generator=g).to(out.dtype)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out, [sample] + params, upstream)
+    return out.detach(), grads
+
+
+def assert_rel(actual, expected, dtype, what):
+    scale = expected.abs().max().item()
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= REL_TOL[dtype] * max(scale, 1e-12), f"{what}: max error {err:.3g} (max |ref| {scale:.3g})"
+
+
+@pytest.fixture(scope="module")
+def dense_unet():
+    return tiny_unet(seed=0)
+
+
+@pytest.fixture(scope="module")
+def pruned_unet(dense_unet):
+    from safeprune_engine.prune.width import prune
+
+    student, _ = prune(dense_unet, ratio=0.5)
+    # shrunk norm2 groups can leave 1-2 channels per group: different widths than the dense model (the point)
+    assert any(w for w in student.pruned_widths["resnets"].values())
+    return student
+
+
+@pytest.mark.parametrize("which", ["dense", "pruned"])
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("ops", OPS_VARIANTS, ids=lambda o: "+".join(o))
+def test_patched_unet_matches_outputs_and_gradients(which, backend, ops, dense_unet, pruned_unet):
+    if backend != "reference":
+        skip_unless(backend, "pruned_conv", "groupnorm_silu")
+    unet = dense_unet if which == "dense" else pruned_unet
+    inputs = unet_inputs(unet)
+    state_before = {k: v for k, v in unet.state_dict().items()}
+    expected, expected_grads = output_and_grads(unet, inputs)
+
+    record = patch_unet(unet, backend=backend, ops=ops)
+    try:
+        assert record.forwards and not record.skipped
+        out, grads = output_and_grads(unet, inputs)
+        assert_rel(out, expected, torch.float32, "output")
+        assert len(grads) == len(expected_grads)
+        for i, (grad, ref) in enumerate(zip(grads, expected_grads)):
+            assert_rel(grad, ref, torch.float32, "grad sample" if i == 0 else f"grad parameter {i}")
+    finally:
+        unpatch_unet(unet, record)
+
+    # exactly the original model again: same tensors under the same keys, bit-identical outputs
+    state_after = unet.state_dict()
+    assert list(state_after) == list(state_before)
+    assert all(state_after[k].data_ptr() == v.data_ptr() and torch.equal(state_after[k], v)
+               for k, v in state_before.items())
+    again, _ = output_and_grads(unet, inputs)
+    assert torch.equal(again, expected)
+
+
+def test_record_lists_what_was_replaced_and_state_dict_keys_do_not_change(dense_unet):
+    from diffusers.models.resnet import ResnetBlock2D
+
+    keys = list(dense_unet.state_dict())
+    convs = [name for name, m in dense_unet.named_modules() if isinstance(m, nn.Conv2d)]
+    resnets = [name for name, m in dense_unet.named_modules() if isinstance(m, ResnetBlock2D)]
+    record = patch_unet(dense_unet, backend="reference")
+    try:
+        assert [name for _, name in record.forwards] == resnets
+        swapped_convs = [name for _, _, original, name in record.swapped if isinstance(original, nn.Conv2d)]
+        assert sorted(swapped_convs) == sorted(convs)
+        assert isinstance(dense_unet.down_blocks[0].resnets[0].conv1, PrunedConv2d)
+        original_conv1 = next(orig for _, _, orig, name in record.swapped if name == "down_blocks.0.resnets.0.conv1")
+        assert dense_unet.down_blocks[0].resnets[0].conv1.weight is original_conv1.weight
+        assert isinstance(dense_unet.conv_norm_out, GroupNormSiLU) and isinstance(dense_unet.conv_act, nn.Identity)
+        assert list(dense_unet.state_dict()) == keys  # shared parameters, same names
+        assert "resnet forwards" in record.summary()
+    finally:
+        unpatch_unet(dense_unet, record)
+    assert isinstance(dense_unet.down_blocks[0].resnets[0].conv1, nn.Conv2d)
+    assert "forward" not in vars(dense_unet.down_blocks[0].resnets[0])
+
+
+def test_parameters_are_shared_not_copied(dense_unet):
+    conv = dense_unet.conv_in
+    record = patch_unet(dense_unet, backend="reference", ops=("conv",))
+    try:
+        assert dense_unet.conv_in.weight is conv.weight and dense_unet.conv_in.bias is conv.bias
+        with torch.no_grad():
+            dense_unet.conv_in.weight.add_(0.0)  # an optimizer step on the patched model updates the original
+        assert dense_unet.conv_in.weight.data_ptr() == conv.weight.data_ptr()
+    finally:
+        unpatch_unet(dense_unet, record)
+    assert dense_unet.conv_in is conv
+
+
+def test_bf16_patched_unet_within_bf16_tolerance():
+    skip_unless("cpp", "pruned_conv", "groupnorm_silu")
+    unet = tiny_unet(seed=3)
+    inputs = unet_inputs(unet, seed=4)
+    expected = unet(*inputs).sample.double()  # fp32 truth
+    unet.to(torch.bfloat16)
+    inputs_bf16 = unet_inputs(unet, seed=4, dtype=torch.bfloat16)
+    torch_bf16 = unet(*inputs_bf16).sample.double()
+    record = patch_unet(unet, backend="cpp")
+    try:
+        out = unet(*inputs_bf16).sample
+    finally:
+        unpatch_unet(unet, record)
+    assert out.dtype == torch.bfloat16
+    # the 2x-torch rule: the fused bf16 model is at most twice as far from fp32 as torch's own bf16 run
+    torch_err = (torch_bf16 - expected).abs().max().item()
+    err = (out.double() - expected).abs().max().item()
+    assert err <= 2 * torch_err + 1e-3, (err, torch_err)
+
+
+def test_triton_patched_forward_matches():
+    unet = tiny_unet(seed=5)
+    inputs = unet_inputs(unet, batch=1, seed=6)
+    if dispatch.available_backends("pruned_conv", inputs[0], unet.conv_in.weight)["triton"]:
+        pytest.skip("triton backend unavailable here: "
+                    + "; ".join(dispatch.available_backends("pruned_conv", inputs[0], unet.conv_in.weight)["triton"]))
+    with torch.no_grad():
+        expected = unet(*inputs).sample
+        record = patch_unet(unet, backend="triton", ops=("conv_prologue",))
+        try:
+            out = unet(*inputs).sample
+        finally:
+            unpatch_unet(unet, record)
+    assert_rel(out, expected, torch.float32, "output")
+
+
+def test_blocks_the_fused_forward_does_not_cover_are_left_alone():
+    unet = tiny_unet(seed=0, resnet_time_scale_shift="scale_shift")
+    inputs = unet_inputs(unet)
+    with torch.no_grad():
+        expected = unet(*inputs).sample
+        record = patch_unet(unet, backend="reference")
+        try:
+            assert not record.forwards
+            assert record.skipped and all("scale_shift" in why for _, why in record.skipped)
+            out = unet(*inputs).sample  # convs still swapped (drop-in), resnet forwards original
+        finally:
+            unpatch_unet(unet, record)
+    assert_rel(out, expected, torch.float32, "output")
+
+
+def test_patch_errors(dense_unet, monkeypatch):
+    with pytest.raises(SafepruneError, match="choose from"):
+        patch_unet(dense_unet, ops=("attention",))
+    with pytest.raises(SafepruneError, match="backend argument is 'fast'"):
+        patch_unet(dense_unet, backend="fast")
+    with pytest.raises(SafepruneError, match="UNet2DConditionModel"):
+        patch_unet(nn.Linear(2, 2))
+    if dispatch.available_backends("pruned_conv")["cuda"]:  # not built / CPU torch here
+        with pytest.raises(SafepruneError, match="backend 'cuda' cannot run 'pruned_conv'"):
+            patch_unet(dense_unet, backend="cuda")
+    record = patch_unet(dense_unet, backend="reference")
+    try:
+        with pytest.raises(SafepruneError, match="already patched"):
+            patch_unet(dense_unet)
+        with pytest.raises(SafepruneError, match="another UNet"):
+            unpatch_unet(tiny_unet(seed=1), record)
+    finally:
+        unpatch_unet(dense_unet, record)
+    with pytest.raises(SafepruneError, match="already undone"):
+        unpatch_unet(dense_unet, record)
+
+
+def test_exposed_lazily_as_safeprune_engine_kernels_patch_unet():
+    import importlib
+
+    kernels = importlib.import_module("safeprune_engine.kernels")
+    assert kernels.patch_unet is patch_unet and kernels.unpatch_unet is unpatch_unet
