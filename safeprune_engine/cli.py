@@ -38,6 +38,7 @@ RUN_FLAGS = {
     "seed": (int, "random seed"),
     "mixed_precision": (str, "no | bf16 | fp16"),
     "device": (str, "cpu | cuda | cuda:N (default: cuda when available)"),
+    "kernels": (str, "fused ops in the UNets: auto | off | triton | cuda | cpp (default off)"),
     "w_diff": (float, "weight of the diffusion loss"),
     "w_out": (float, "weight of output distillation"),
     "w_feat": (float, "weight of feature distillation"),

@@ -16,6 +16,7 @@ from .errors import SafepruneError
 CONFIG_VERSION = 1
 METHODS = ("bilevel", "alternating", "two-stage", "distill-only")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+KERNEL_MODES = ("auto", "off", "triton", "cuda", "cpp")  # --kernels: fused ops for the UNets (patch_unet)
 
 # Fields that define *what* a run computes. A run directory refuses to continue under different values.
 IDENTITY_FIELDS = (
@@ -61,6 +62,10 @@ class RunConfig:
     seed: int = 0
     mixed_precision: str = "no"
     device: str | None = None  # None = cuda when available
+    # fused Triton/CUDA/C++ ops in student and teacher UNets (safeprune_engine.patching.patch_unet); "auto" picks
+    # per call. Not an identity field: it changes speed, not what is computed (outputs agree within dtype
+    # tolerance), so a run may resume with other kernels. train() leaves the returned UNets patched.
+    kernels: str = "off"
 
     w_diff: float = 1.0
     w_out: float = 2.0
@@ -170,6 +175,16 @@ class RunConfig:
             raise SafepruneError(
                 f"unknown mixed precision {self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISION)}"
             )
+        if self.kernels not in KERNEL_MODES:
+            raise SafepruneError(f"unknown --kernels {self.kernels!r}; choose one of {', '.join(KERNEL_MODES)}")
+        if self.kernels != "off":
+            from .patching import check_backend
+
+            check_backend(self.kernels)  # a forced backend that is not built fails before anything is written
+        if self.kernels != "off" and (getattr(self, "zero_stage", 0) == 3 or getattr(self, "teacher_zero3", False)):
+            raise SafepruneError("--kernels does not work with ZeRO-3 sharding (--zero-stage 3 / --teacher-zero3): "
+                                 "the fused resnet forward reads GroupNorm parameters outside the modules whose "
+                                 "hooks gather them; use --kernels off")
         from .prune.base import PRUNE_METHODS
         from .registry import load_plugins
         from .unlearn.base import OBJECTIVES

@@ -148,9 +148,25 @@ def _make_resnet_forward(backend: Optional[str], fused_norm: bool, fused_conv: b
     return forward
 
 
-def _check_args(unet, backend, ops) -> tuple[str, ...]:
+def check_backend(backend: Optional[str], ops: Iterable[str] = DEFAULT_OPS) -> None:
+    """Raise SafepruneError when a forced ``backend`` cannot run the ops behind ``ops`` whatever the inputs
+    (library not built, Triton not installed, CPU-only torch): the check a run makes before writing anything."""
     from .ops import dispatch
 
+    mode = dispatch.requested_mode(backend) if backend is not None else None
+    if mode not in ("cuda", "triton", "cpp"):
+        return
+    ops = tuple(ops)
+    for op_name in (["pruned_conv"] if {"conv", "conv_prologue"} & set(ops) else []) + (
+            ["groupnorm_silu"] if "groupnorm_silu" in ops else []):
+        reasons = dispatch.available_backends(op_name).get(mode)
+        if reasons is None:
+            raise SafepruneError(f"op {op_name!r} has no {mode!r} backend")
+        if reasons:
+            raise SafepruneError(f"backend {mode!r} cannot run {op_name!r}: {'; '.join(reasons)}")
+
+
+def _check_args(unet, backend, ops) -> tuple[str, ...]:
     if not isinstance(unet, nn.Module) or not hasattr(unet, "down_blocks"):
         raise SafepruneError(f"patch_unet needs a diffusers UNet2DConditionModel, got {type(unet).__name__}")
     ops = tuple(dict.fromkeys(ops))
@@ -159,16 +175,7 @@ def _check_args(unet, backend, ops) -> tuple[str, ...]:
         raise SafepruneError(f"patch_unet ops {list(ops)}: choose from {OPS}")
     if "conv_prologue" in ops and "conv" not in ops:
         ops = ops + ("conv",)
-    mode = dispatch.requested_mode(backend) if backend is not None else None
-    if mode in ("cuda", "triton", "cpp"):
-        # what does not depend on the inputs (not built / not installed) fails now, not at the first forward
-        for op_name in (["pruned_conv"] if "conv" in ops else []) + (
-                ["groupnorm_silu"] if "groupnorm_silu" in ops else []):
-            reasons = dispatch.available_backends(op_name).get(mode)
-            if reasons is None:
-                raise SafepruneError(f"op {op_name!r} has no {mode!r} backend")
-            if reasons:
-                raise SafepruneError(f"backend {mode!r} cannot run {op_name!r}: {'; '.join(reasons)}")
+    check_backend(backend, ops)  # not built / not installed fails now, not at the first forward
     if getattr(unet, _MARK, None) is not None:
         raise SafepruneError("this UNet is already patched; unpatch_unet(unet, record) first")
     return ops

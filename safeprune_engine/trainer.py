@@ -197,6 +197,12 @@ def build_engine(config: RunConfig, teacher, student, data_folder, cache_dir: Pa
     # the teacher runs in the training dtype (the trainer casts it back to fp32 before export)
     train_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
     teacher_unet = cast_module(teacher.unet, train_dtype).to(device).eval().requires_grad_(False)
+    if config.kernels != "off":  # fused ops in both UNets, in place; state dicts and outputs stay the same
+        from .patching import patch_unet
+
+        for unet in (student, teacher_unet):
+            log.info("%s UNet %s", "student" if unet is student else "teacher",
+                     patch_unet(unet, backend=config.kernels).summary())
     return TrainingEngine(student, teacher_unet, teacher.noise_scheduler(), teacher.prediction_type, data_cache,
                           config, concept_source=concept_source, objective=objective, projections=projections,
                           device=device, prompts=prompts, feature_pairs=feature_pairs)

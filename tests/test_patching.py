@@ -208,3 +208,43 @@ def test_exposed_lazily_as_safeprune_engine_kernels_patch_unet():
 
     kernels = importlib.import_module("safeprune_engine.kernels")
     assert kernels.patch_unet is patch_unet and kernels.unpatch_unet is unpatch_unet
+
+
+# ----------------------------------------------------------------------------------------------- the engine
+def test_training_run_with_cpp_kernels_matches_kernels_off(tmp_path):
+    """Two steps of a full bilevel run (CLI) with --kernels cpp: the losses of --kernels off, within fp32 noise."""
+    skip_unless("cpp", "pruned_conv", "groupnorm_silu")
+    import json
+
+    from safeprune_engine.cli import main
+    from safeprune_engine.testing import save_tiny_pipeline, write_image_folder
+
+    teacher = save_tiny_pipeline(tmp_path / "teacher", seed=0)
+    data = write_image_folder(tmp_path / "data", ["a red square", "a blue square", "a green square"] * 2, size=16)
+    histories = {}
+    for kernels in ("off", "cpp"):
+        out = tmp_path / f"run-{kernels}"
+        assert main(["run", "--teacher", str(teacher), "--data", str(data), "--erase", "by monet", "--steps", "2",
+                     "--prune-ratio", "0.5", "--resolution", "16", "--batch-size", "2", "--esd-pool-size", "2",
+                     "--esd-ddim-steps", "2", "--bilevel-inner-steps", "1", "--log-every", "1", "--no-progress",
+                     "--lr", "1e-3", "--out", str(out), "--kernels", kernels]) == 0
+        histories[kernels] = json.loads((out / "summary.json").read_text())["history"]
+    off, fused = histories["off"], histories["cpp"]
+    assert len(off) == len(fused) == 2
+    for row_off, row_fused in zip(off, fused):
+        losses = [k for k in row_off if k.startswith("loss/")]
+        assert losses
+        for key in losses:
+            assert row_fused[key] == pytest.approx(row_off[key], rel=1e-3, abs=1e-6), (row_off["step"], key)
+
+
+def test_kernels_setting_is_validated_and_not_an_identity_field():
+    from safeprune_engine.config import IDENTITY_FIELDS, RunConfig
+
+    assert "kernels" not in IDENTITY_FIELDS
+    assert RunConfig().kernels == "off"
+    with pytest.raises(SafepruneError, match="unknown --kernels 'fast'"):
+        RunConfig(method="distill-only", kernels="fast").validate()
+    if dispatch.available_backends("pruned_conv")["cuda"]:
+        with pytest.raises(SafepruneError, match="backend 'cuda' cannot run"):
+            RunConfig(method="distill-only", kernels="cuda").validate()
