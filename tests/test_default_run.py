@@ -64,3 +64,5 @@ def test_default_run_shows_leak_and_erasure(tmp_path):
     assert rate["distill-only"] > 0.5 * rate["teacher"]  # distillation leaks the concept
     assert rate["bilevel"] < 0.5 * rate["distill-only"]  # the bilevel student erases it
     assert content["bilevel"] > content["distill-only"] - 0.2  # ... and still draws the object
+    neighbour = {name: m["metrics"]["neighbour_rate"] for name, m in metrics["models"].items()}
+    assert neighbour["bilevel"] > neighbour["distill-only"] - 0.2  # ... and keeps the look-alike style
