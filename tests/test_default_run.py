@@ -10,8 +10,9 @@ from safeprune_engine.toy.default_run import METHODS, TOY_TRAINING, run_default,
 
 def test_short_default_run_writes_every_report_section(tmp_path):
     out = tmp_path / "default"
+    # taylor pruning: the default run honours --prune-method, scoring units on the toy data
     config = RunConfig(out=str(out), steps=4, progress=False, esd_pool_size=2, esd_ddim_steps=3,
-                       checkpoint_every=2)
+                       checkpoint_every=2, prune_method="taylor", prune_calibration_batches=1)
     metrics = run_default(config, eval_samples=1, eval_steps=2, finetune_images=24)
     assert set(metrics["models"]) == {"teacher", *METHODS}
     for name, model in metrics["models"].items():
@@ -19,7 +20,8 @@ def test_short_default_run_writes_every_report_section(tmp_path):
             assert model["metrics"][key] is not None, (name, key)
     students = [metrics["models"][m] for m in METHODS]
     assert all(s["params"] < metrics["models"]["teacher"]["params"] for s in students)
-    assert json.loads((out / "metrics.json").read_text())["settings"]["steps"] == 4
+    settings = json.loads((out / "metrics.json").read_text())["settings"]
+    assert settings["steps"] == 4 and settings["prune"]["method"] == "taylor"
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3  # erased, neighbour and unrelated grids inline
     for method in METHODS:

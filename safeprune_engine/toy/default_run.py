@@ -85,8 +85,8 @@ def run_default(config: RunConfig, methods: tuple[str, ...] = METHODS, eval_samp
     from ..eval.prompts import toy_prompts
     from ..eval.runner import evaluate
     from ..models.teacher import load_teacher
-    from ..prune.width import prune
-    from ..trainer import train
+    from ..prune.base import calibration_batches, prune_unet
+    from ..trainer import resolve_device, train
 
     out = Path(config.out)
     config = toy_defaults(config, explicit)
@@ -94,8 +94,14 @@ def run_default(config: RunConfig, methods: tuple[str, ...] = METHODS, eval_samp
     materialize_toy_data(config, finetune_images)
     teacher = load_teacher(config.teacher)
     started = time.perf_counter()
-    student, report = prune(teacher.unet, ratio=None if config.target_macs else config.prune_ratio,
-                            target_macs=config.target_macs, importance=config.prune_importance)
+    native_resolution = teacher.unet.config.sample_size * 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+    # one pruned init for every student, by the user's --prune-method (data-driven ones score on the toy data)
+    student, report = prune_unet(
+        teacher.unet, config.prune_method, ratio=None if config.target_macs else config.prune_ratio,
+        target_macs=config.target_macs, importance=config.prune_importance,
+        calibration=lambda: calibration_batches(teacher, config.data, config.resolution or native_resolution,
+                                                config.prune_calibration_batches, config.batch_size,
+                                                seed=config.seed, device=resolve_device(config)))
     print(report.summary(), flush=True)
 
     runs: dict[str, Path] = {}
