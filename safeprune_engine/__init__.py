@@ -8,7 +8,7 @@ The import stays light (no diffusers, deepspeed or triton): public names are res
     >>> result = sp.train(sp.RunConfig(teacher="path/to/sd-pipeline", data="images/", erase=["by Monet"]))
     >>> sp.export_pipeline(teacher, result.student, "out/pipeline")
 """
-from importlib import import_module
+from .lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -33,14 +33,4 @@ _LAZY = {
 __all__ = sorted(n for n in _LAZY if n != "ModelMixin") + ["__version__"]
 
 
-def __getattr__(name):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'safeprune_engine' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals(), __all__)

@@ -47,6 +47,21 @@ def tiny_tokenizer(model_max_length: int = 32):
     return tokenizer
 
 
+def clip_text_config(tokenizer, hidden_size: int, layers: int = 2, heads: int = 4) -> dict:
+    """CLIPTextConfig arguments of a small text encoder matched to ``tokenizer`` (vocab, length, special ids)."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def tiny_unet_config(prediction_sample_size: int = 8, cross_attention_dim: int = 32) -> dict:
     """Config of a ~1M-parameter UNet2DConditionModel with SD's block structure (2 stages)."""
     return dict(
@@ -77,19 +92,7 @@ def tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon", unet_override
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**clip_text_config(tokenizer, hidden_size=32)))
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -149,3 +152,12 @@ def write_image_folder(path: str | os.PathLike, captions: list[str], size: int =
         lines.append(json.dumps({"file_name": name, "text": caption}))
     (path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return path
+
+
+def kernel_backend_devices() -> list[tuple[str, str]]:
+    """(backend, device) pairs the fused-op tests run: cpp and triton on CPU (Triton through its interpreter),
+    triton and cuda on a GPU when one is visible. Whether a pair can run here is the dispatcher's answer."""
+    pairs = [("cpp", "cpu"), ("triton", "cpu")]
+    if torch.cuda.is_available():
+        pairs += [("triton", "cuda"), ("cuda", "cuda")]
+    return pairs

@@ -6,7 +6,7 @@
 
 The import stays light (``safeprune eval`` builds its parser from here): names resolve on first use.
 """
-from importlib import import_module
+from ..lazy import lazy_exports
 
 # public name -> module that defines it
 _LAZY = {
@@ -32,14 +32,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'safeprune_engine.eval' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals(), __all__)

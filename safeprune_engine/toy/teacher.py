@@ -95,17 +95,9 @@ def vae_config() -> dict:
 
 
 def text_encoder_config(tokenizer) -> dict:
-    return dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=TEXT_MAX_LENGTH,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    from ..testing import clip_text_config
+
+    return clip_text_config(tokenizer, hidden_size=64)
 
 
 def unet_config() -> dict:
