@@ -154,3 +154,15 @@ def test_triton_needs_cuda_or_the_interpreter(monkeypatch):
 def test_device_reasons_catch_mixed_devices():
     reasons = dispatch.device_reasons([torch.ones(1), torch.ones(1, device="meta")], ("cpu", "meta"))
     assert reasons == ["tensors on different devices: cpu, meta"]
+
+
+def test_auto_never_picks_the_triton_interpreter_for_cpu_tensors():
+    name = "test_dispatch_interpreter"
+    register(name, Backend("reference", torch.neg))
+    register(name, Backend("triton", torch.neg))  # claims it can run anything (as under TRITON_INTERPRET=1)
+    try:
+        assert choose(name, torch.ones(2)).name == "reference"
+        assert choose(name, torch.ones(2), backend="triton").name == "triton"  # forcing it still works
+        assert choose(name, torch.ones(2, device="meta")).name == "triton"  # not a CPU tensor: auto may take it
+    finally:
+        dispatch._REGISTRY.pop(name)

@@ -9,6 +9,7 @@ not built, Triton not installed), which is what ``python -m safeprune_engine.inf
 
 * ``backend=None``: the environment variable ``SAFEPRUNE_KERNELS`` (``auto`` when unset).
 * ``"auto"``: the first backend in :data:`BACKEND_NAMES` order with no reasons; the reference always runs.
+  Auto never picks Triton for CPU tensors: the interpreter is a test tool, slower than the reference.
 * ``"off"`` / ``"reference"``: the reference.
 * ``"cuda"`` / ``"triton"`` / ``"cpp"``: that backend, or a :class:`SafepruneError` listing why it cannot run.
   A forced backend never falls back silently.
@@ -101,9 +102,12 @@ def choose(op_name: str, *args, backend: str | None = None, **kwargs) -> Backend
     if mode in ("off", "reference"):
         return _reference(op_name, backends)
     if mode == "auto":
+        interpreted_only = any(t.device.type == "cpu" for t in tensors_in(list(args) + list(kwargs.values())))
         for name in BACKEND_NAMES:
             candidate = backends.get(name)
-            if candidate is not None and (name == "reference" or not candidate.not_supported_reasons(*args, **kwargs)):
+            if candidate is None or (name == "triton" and interpreted_only):
+                continue
+            if name == "reference" or not candidate.not_supported_reasons(*args, **kwargs):
                 return candidate
         return _reference(op_name, backends)
     candidate = backends.get(mode)

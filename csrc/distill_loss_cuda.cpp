@@ -1,0 +1,111 @@
+// Torch glue of the fused distillation-loss CUDA kernels: checks, the device table of pairs, the current stream,
+// CUDA registration of the schema defined in distill_loss_cpu.cpp. Built only into safeprune_engine._C_cuda.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstring>
+#include <vector>
+
+#include "checks.h"
+#include "distill_loss.cuh"
+
+namespace {
+
+using safeprune::cuda::DistillElement;
+using safeprune::cuda::DistillPair;
+
+DistillElement element_type(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DistillElement::float32;
+    case at::kHalf:
+      return DistillElement::float16;
+    case at::kBFloat16:
+      return DistillElement::bfloat16;
+    default:
+      TORCH_CHECK(false, "distill_loss (cuda): dtype ", t.scalar_type(), " not supported (float32/float16/bfloat16)");
+  }
+}
+
+struct Work {
+  std::vector<at::Tensor> students, teachers;  // kept alive until the kernels are queued
+  at::Tensor table, first_chunk;                // on the device
+  int64_t chunks = 0;
+};
+
+// students/teachers with equal dense strides per pair; grads (backward) or empty
+Work prepare(at::TensorList students, at::TensorList teachers, at::ArrayRef<double> weights, double factor,
+             const std::vector<at::Tensor>* grads) {
+  TORCH_CHECK(students.size() == teachers.size() && students.size() == weights.size(),
+              "distill_loss: need as many teachers and weights as students");
+  TORCH_CHECK(!students.empty(), "distill_loss (cuda): no pairs");
+  Work w;
+  std::vector<DistillPair> host(students.size());
+  std::vector<int64_t> firsts(students.size());
+  for (size_t i = 0; i < students.size(); ++i) {
+    at::Tensor s = students[i], t = teachers[i];
+    SAFEPRUNE_CHECK_DEVICE(s, at::kCUDA);
+    SAFEPRUNE_CHECK_SAME_DEVICE(s, t);
+    SAFEPRUNE_CHECK_SAME_DEVICE(s, students[0]);
+    TORCH_CHECK(s.sizes() == t.sizes(), "distill_loss: pair ", i, " has student shape ", s.sizes(),
+                " but teacher shape ", t.sizes());
+    if (!(s.is_non_overlapping_and_dense() && s.strides() == t.strides())) {
+      s = s.contiguous();
+      t = t.contiguous();
+    }
+    w.students.push_back(s);
+    w.teachers.push_back(t);
+    host[i] = DistillPair{s.const_data_ptr(), t.const_data_ptr(), grads ? (*grads)[i].mutable_data_ptr() : nullptr,
+                          s.numel(), static_cast<float>(factor * weights[i] / std::max<int64_t>(1, s.numel())),
+                          element_type(s), element_type(t)};
+    firsts[i] = w.chunks;
+    w.chunks += safeprune::cuda::distill_chunks(s.numel());
+  }
+  const auto device = students[0].device();
+  at::Tensor table = at::empty({static_cast<int64_t>(host.size() * sizeof(DistillPair))}, at::kByte);
+  std::memcpy(table.mutable_data_ptr(), host.data(), host.size() * sizeof(DistillPair));
+  w.table = table.to(device);
+  w.first_chunk = at::tensor(firsts, at::kLong).to(device);
+  return w;
+}
+
+at::Tensor forward(at::TensorList students, at::TensorList teachers, at::ArrayRef<double> weights) {
+  const c10::cuda::CUDAGuard guard(students[0].device());
+  Work w = prepare(students, teachers, weights, 1.0, nullptr);
+  const auto f32 = students[0].options().dtype(at::kFloat);
+  at::Tensor partial = at::empty({std::max<int64_t>(1, w.chunks)}, f32);
+  at::Tensor loss = at::empty({}, f32);
+  const cudaError_t status = safeprune::cuda::distill_loss_forward(
+      static_cast<const DistillPair*>(w.table.const_data_ptr()), w.first_chunk.const_data_ptr<int64_t>(),
+      static_cast<int>(students.size()), w.chunks, partial.mutable_data_ptr<float>(), loss.mutable_data_ptr<float>(),
+      c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(status == cudaSuccess, "distill_loss_forward (cuda) failed: ", cudaGetErrorString(status));
+  return loss;
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& grad, at::TensorList students, at::TensorList teachers,
+                                 at::ArrayRef<double> weights) {
+  TORCH_CHECK(grad.numel() == 1, "distill_loss_backward: grad must be a scalar, got sizes ", grad.sizes());
+  const c10::cuda::CUDAGuard guard(students[0].device());
+  std::vector<at::Tensor> grads;
+  for (size_t i = 0; i < students.size(); ++i) {
+    const at::Tensor& s = students[i];
+    const bool keeps_layout = s.is_non_overlapping_and_dense() && s.strides() == teachers[i].strides();
+    grads.push_back(at::empty_like(keeps_layout ? s : s.contiguous()));
+  }
+  Work w = prepare(students, teachers, weights, 2.0, &grads);
+  const at::Tensor upstream = grad.to(students[0].device(), at::kFloat).reshape({});
+  const cudaError_t status = safeprune::cuda::distill_loss_backward(
+      static_cast<const DistillPair*>(w.table.const_data_ptr()), w.first_chunk.const_data_ptr<int64_t>(),
+      static_cast<int>(students.size()), w.chunks, upstream.const_data_ptr<float>(),
+      c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(status == cudaSuccess, "distill_loss_backward (cuda) failed: ", cudaGetErrorString(status));
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(safeprune_C, CUDA, m) {
+  m.impl("distill_loss_forward", &forward);
+  m.impl("distill_loss_backward", &backward);
+}
