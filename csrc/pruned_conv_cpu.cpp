@@ -35,6 +35,7 @@ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // Register-tile micro-kernels, one copy per instruction set (see cpu_isa.h); picked once per op call.
 #define SAFEPRUNE_VECTOR_BYTES 16
 namespace generic {
+#include "cpu_math.h"
 #include "pruned_conv_cpu_kernels.h"
 }  // namespace generic
 #undef SAFEPRUNE_VECTOR_BYTES
@@ -44,6 +45,7 @@ namespace generic {
 #pragma GCC target("avx2,fma")
 #define SAFEPRUNE_VECTOR_BYTES 32
 namespace avx2 {
+#include "cpu_math.h"
 #include "pruned_conv_cpu_kernels.h"
 }  // namespace avx2
 #undef SAFEPRUNE_VECTOR_BYTES
@@ -53,6 +55,7 @@ namespace avx2 {
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
 #define SAFEPRUNE_VECTOR_BYTES 64
 namespace avx512 {
+#include "cpu_math.h"
 #include "pruned_conv_cpu_kernels.h"
 }  // namespace avx512
 #undef SAFEPRUNE_VECTOR_BYTES
@@ -63,17 +66,25 @@ template <typename T>
 using PixelTileFn = void (*)(int64_t, const int64_t*, int64_t, const T*, int64_t, const T* const*, T*);
 template <typename T>
 using ChannelTileFn = void (*)(int64_t, int64_t, const T*, int64_t, int64_t, const T*, int64_t, int64_t, T*);
+template <typename T>
+using SiluRowFn = void (*)(T*, int64_t, T, T);
+template <typename T>
+using SiluBackwardRowFn = void (*)(const T*, const T*, int64_t, T, T, T*, T*, T*);
 
 template <typename T>
 struct TileKernels {
   PixelTileFn<T> pixel;
   ChannelTileFn<T> channel;
+  SiluRowFn<T> silu_row;
+  SiluBackwardRowFn<T> silu_backward_row;
 };
 
 template <typename T>
 TileKernels<T> tile_kernels() {
   TileKernels<T> k{};
-  SAFEPRUNE_ISA_SWITCH(safeprune::pruned_conv_cpu, (k = {&isa_ns::pixel_tile<T>, &isa_ns::channel_tile<T>}));
+  SAFEPRUNE_ISA_SWITCH(safeprune::pruned_conv_cpu,
+                       (k = {&isa_ns::pixel_tile<T>, &isa_ns::channel_tile<T>, &isa_ns::silu_affine_row<T>,
+                             &isa_ns::silu_affine_backward_row<T>}));
   return k;
 }
 
@@ -88,9 +99,6 @@ struct Geometry {
   int64_t xs_n, xs_c, xs_h, xs_w;  // element strides of x (and grad_x): NCHW, channels_last or any dense layout
   int64_t x_offset(int64_t n, int64_t c, int64_t h, int64_t w) const { return n * xs_n + c * xs_c + h * xs_h + w * xs_w; }
 };
-
-template <typename T>
-inline T silu(T z) { return z / (T(1) + std::exp(-z)); }
 
 // Padded NHWC activations: a[n][hp][wp][c] = act(x[n][chan(c)][hp-p][wp-p]) inside the image, 0 in the padding
 // (the conv pads its input, which is the activation, so the padding is 0 after the prologue, not silu(shift)).
@@ -108,8 +116,9 @@ inline ActLayout act_layout(const Geometry& g) {
 
 template <typename scalar_t, typename T>
 void pack_activations(const Geometry& g, const ActLayout& L, const scalar_t* x, const int64_t* in_index,
-                      const T* scale, const T* shift, T* a) {
+                      const T* scale, const T* shift, const TileKernels<T>& kern, T* a) {
   at::parallel_for(0, g.N * L.Hp, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> line(g.W);
     for (int64_t nh = begin; nh < end; ++nh) {
       const int64_t n = nh / L.Hp, hp = nh % L.Hp, h = hp - g.p;
       T* row = a + nh * L.Wp * L.Kc;
@@ -119,12 +128,9 @@ void pack_activations(const Geometry& g, const ActLayout& L, const scalar_t* x, 
         const int64_t chan = g.gather_input ? in_index[c] : c;
         const scalar_t* src = x + g.x_offset(n, chan, h, 0);
         T* dst = row + g.p * L.Kc + c;
-        if (g.prologue) {
-          const T sc = scale[n * g.K_in + c], sh = shift[n * g.K_in + c];
-          for (int64_t w = 0; w < g.W; ++w) dst[w * L.Kc] = silu(static_cast<T>(src[w * g.xs_w]) * sc + sh);
-        } else {
-          for (int64_t w = 0; w < g.W; ++w) dst[w * L.Kc] = static_cast<T>(src[w * g.xs_w]);
-        }
+        for (int64_t w = 0; w < g.W; ++w) line[w] = static_cast<T>(src[w * g.xs_w]);
+        if (g.prologue) kern.silu_row(line.data(), g.W, scale[n * g.K_in + c], shift[n * g.K_in + c]);
+        for (int64_t w = 0; w < g.W; ++w) dst[w * L.Kc] = line[w];
       }
     }
   });
@@ -219,7 +225,7 @@ void forward_kernel(const Geometry& g, const at::Tensor& x, const at::Tensor& we
   std::vector<T> a(g.N * L.sample());
   pack_activations<scalar_t, T>(g, L, x.data_ptr<scalar_t>(), in_index,
                                 g.prologue ? scale.data_ptr<T>() : nullptr,
-                                g.prologue ? shift.data_ptr<T>() : nullptr, a.data());
+                                g.prologue ? shift.data_ptr<T>() : nullptr, kern, a.data());
   const std::vector<T> panel = pack_forward_panels<scalar_t, T>(g, weight.data_ptr<scalar_t>(), in_index, out_index);
   const int64_t taps = g.k * g.k, blocks = (g.K_out + nr - 1) / nr;
   std::vector<int64_t> tap_off(taps);
@@ -338,26 +344,23 @@ void grad_input_kernel(const Geometry& g, const at::Tensor& grad_out, const at::
   T* gsh = grad_shift.data_ptr<T>();
   const int64_t hw = g.H * g.W;
   at::parallel_for(0, g.N * g.K_in, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> xs(g.W), dxs(g.W);
     for (int64_t nc = begin; nc < end; ++nc) {
       const int64_t n = nc / g.K_in, c = nc % g.K_in;
       const int64_t chan = g.gather_input ? in_index[c] : c;
       const T* da = grad_act.data() + nc * hw;
-      const T s_ = sc[nc], b_ = sh[nc];
-      T sum_dx = 0, sum_d = 0;
+      T sum_dz_x = 0, sum_dz = 0;
       for (int64_t h = 0; h < g.H; ++h) {
         const int64_t row = g.x_offset(n, chan, h, 0);
-        for (int64_t w = 0; w < g.W; ++w) {
-          const T xv = static_cast<T>(xp[row + w * g.xs_w]);
-          const T z = xv * s_ + b_;
-          const T sig = T(1) / (T(1) + std::exp(-z));
-          const T dz = da[h * g.W + w] * sig * (T(1) + z * (T(1) - sig));
-          gx[row + w * g.xs_w] = static_cast<scalar_t>(dz * s_);
-          sum_dx += dz * xv;
-          sum_d += dz;
-        }
+        for (int64_t w = 0; w < g.W; ++w) xs[w] = static_cast<T>(xp[row + w * g.xs_w]);
+        T row_dz_x, row_dz;
+        kern.silu_backward_row(xs.data(), da + h * g.W, g.W, sc[nc], sh[nc], dxs.data(), &row_dz_x, &row_dz);
+        for (int64_t w = 0; w < g.W; ++w) gx[row + w * g.xs_w] = static_cast<scalar_t>(dxs[w]);
+        sum_dz_x += row_dz_x;
+        sum_dz += row_dz;
       }
-      gsc[nc] = sum_dx;
-      gsh[nc] = sum_d;
+      gsc[nc] = sum_dz_x;
+      gsh[nc] = sum_dz;
     }
   });
 }
@@ -377,7 +380,7 @@ void grad_weight_kernel(const Geometry& g, const at::Tensor& grad_out, const at:
   std::vector<T> a(g.N * LA.sample());
   pack_activations<scalar_t, T>(g, LA, x.data_ptr<scalar_t>(), in_index,
                                 g.prologue ? scale.data_ptr<T>() : nullptr,
-                                g.prologue ? shift.data_ptr<T>() : nullptr, a.data());
+                                g.prologue ? shift.data_ptr<T>() : nullptr, kern, a.data());
   std::vector<T> gp(g.N * LG.sample());
   pack_grad<scalar_t, T>(g, LG, grad_out, static_cast<T>(out_scale), gp.data());
 

@@ -80,3 +80,28 @@ void channel_tile(int64_t rows, int64_t cols, const T* a, int64_t a_row, int64_t
       for (int64_t v = 0; v < NV; ++v) std::memcpy(acc_io + (r0 + m) * nr + v * L, &acc[m][v], sizeof(V));
   }
 }
+
+// The GroupNorm-apply + SiLU prologue on one row: row[i] = silu(row[i] * scale + shift).
+// (cpu_math.h's exp vectorises under `#pragma omp simd`; libm's would make the prologue cost more than the
+// separate GroupNorm + SiLU pass it replaces)
+template <typename T>
+void silu_affine_row(T* row, int64_t n, T scale, T shift) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) row[i] = silu_of(row[i] * scale + shift);
+}
+
+// Its backward on one row, with z = x * scale + shift: dz = da * silu'(z); dx = dz * scale;
+// returns sum(dz * x) (the scale's gradient) and sum(dz) (the shift's) over the row.
+template <typename T>
+void silu_affine_backward_row(const T* x, const T* da, int64_t n, T scale, T shift, T* dx, T* sum_dz_x, T* sum_dz) {
+  T s_dzx = 0, s_dz = 0;
+#pragma omp simd reduction(+ : s_dzx, s_dz)
+  for (int64_t i = 0; i < n; ++i) {
+    const T dz = da[i] * silu_grad_of(x[i] * scale + shift);
+    dx[i] = dz * scale;
+    s_dzx += dz * x[i];
+    s_dz += dz;
+  }
+  *sum_dz_x = s_dzx;
+  *sum_dz = s_dz;
+}

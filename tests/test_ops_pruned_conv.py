@@ -363,6 +363,12 @@ def test_groupnorm_scale_shift_is_groupnorm():
     s_idx, b_idx = groupnorm_scale_shift(x, 4, norm.weight, norm.bias, norm.eps, index=index)
     torch.testing.assert_close(s_idx, scale[:, index])
     torch.testing.assert_close(b_idx, shift[:, index])
+    # the statistics' hand-written backward
+    xs = x.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t, w, b: groupnorm_scale_shift(t, 4, w, b, 1e-6),
+                                    (xs[:1, :, :3, :4].detach().requires_grad_(), norm.weight, norm.bias))
+    assert torch.autograd.gradcheck(lambda t: groupnorm_scale_shift(t, 4, None, None, 1e-6)[1],
+                                    (xs[:1, :, :3, :4].detach().requires_grad_(),))
 
 
 def test_prologue_equals_groupnorm_silu_then_conv():
