@@ -69,7 +69,7 @@ def _pruned_conv_fwd_kernel(
     H, W, Ho, Wo, C_in, K_in, K_out, out_scale,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KS: tl.constexpr,
     GATHER: tl.constexpr, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TEMB: tl.constexpr,
-    HAS_RES: tl.constexpr, DOT_DTYPE: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    HAS_RES: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     # program (pixel block, output-channel block, sample): one sample per program keeps the epilogue simple
@@ -94,10 +94,10 @@ def _pruned_conv_fwd_kernel(
                 col = tl.load(in_idx_ptr + c, mask=c_ok, other=0).to(tl.int64)
                 w_offs = (orow[None, :] * C_in + col[:, None]) * (KS * KS) + (kh * KS + kw)
                 b = tl.load(w_ptr + w_offs, mask=c_ok[:, None] & o_ok[None, :], other=0.0)
-                if ALLOW_TF32:
-                    acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
-                else:
+                if IEEE:
                     acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision="ieee")
+                else:
+                    acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + orow, mask=o_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_TEMB:
@@ -122,7 +122,7 @@ def _pruned_conv_grad_input_kernel(
     sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
     H, W, Ho, Wo, C_in, K_in, K_out, out_scale,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KS: tl.constexpr,
-    GATHER: tl.constexpr, PROLOGUE: tl.constexpr, DOT_DTYPE: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    GATHER: tl.constexpr, PROLOGUE: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     # d act[n, c, h, w] = sum_{o, kh, kw} g[n, o, (h+P-kh)/S, (w+P-kw)/S] * W[out_index[o], in_index[c], kh, kw]
@@ -152,10 +152,10 @@ def _pruned_conv_grad_input_kernel(
                 orow = tl.load(out_idx_ptr + o, mask=o_ok, other=0).to(tl.int64)
                 w_offs = (orow[:, None] * C_in + col[None, :]) * (KS * KS) + (kh * KS + kw)
                 b = tl.load(w_ptr + w_offs, mask=o_ok[:, None] & c_ok[None, :], other=0.0)
-                if ALLOW_TF32:
-                    acc += tl.dot(g.to(DOT_DTYPE), b.to(DOT_DTYPE))
-                else:
+                if IEEE:
                     acc += tl.dot(g.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision="ieee")
+                else:
+                    acc += tl.dot(g.to(DOT_DTYPE), b.to(DOT_DTYPE))
     acc = acc * out_scale
     if GATHER:
         chan = col
@@ -188,7 +188,7 @@ def _pruned_conv_grad_weight_kernel(
     N, H, W, Ho, Wo, C_in, K_in, K_out, out_scale, pix_per_split,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KS: tl.constexpr,
     GATHER: tl.constexpr, PROLOGUE: tl.constexpr, ATOMIC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     # gW[out_index[o], in_index[c], kh, kw] = sum_{n, pixel} g[n, o, pixel] * act[n, c, pixel*S + tap - P]
@@ -215,10 +215,10 @@ def _pruned_conv_grad_weight_kernel(
         g = tl.load(g_ptr + g_offs, mask=o_ok[:, None] & p_ok[None, :], other=0.0)
         a = _load_act(x_ptr, scale_ptr, shift_ptr, in_idx_ptr, n, ho * STRIDE + kh - PAD, wo * STRIDE + kw - PAD,
                       c, p_ok, c_ok, sxn, sxc, sxh, sxw, H, W, K_in, GATHER, PROLOGUE)
-        if ALLOW_TF32:
-            acc += tl.dot(g.to(DOT_DTYPE), a.to(DOT_DTYPE))
-        else:
+        if IEEE:
             acc += tl.dot(g.to(DOT_DTYPE), a.to(DOT_DTYPE), input_precision="ieee")
+        else:
+            acc += tl.dot(g.to(DOT_DTYPE), a.to(DOT_DTYPE))
     acc = acc * out_scale
     orow = tl.load(out_idx_ptr + o, mask=o_ok, other=0).to(tl.int64)
     col = tl.load(in_idx_ptr + c, mask=c_ok, other=0).to(tl.int64)
@@ -237,9 +237,11 @@ def _dot_dtype(dtype: torch.dtype):
     return tl.float16 if dtype == torch.float16 else tl.bfloat16
 
 
-def _allow_tf32(dtype: torch.dtype) -> bool:
-    # mirror torch: fp32 convs use TF32 on tensor cores exactly when cuDNN is allowed to
-    return dtype == torch.float32 and not _INTERPRET and torch.backends.cudnn.allow_tf32
+def _ieee(dtype: torch.dtype) -> bool:
+    """Exact fp32 dots: fp32 operands unless torch allows cuDNN's convs TF32 (then ours use it too, on a GPU).
+    fp16/bf16 operands take the default precision (the flag is for fp32 operands only)."""
+    tf32 = dtype == torch.float32 and not _INTERPRET and torch.backends.cudnn.allow_tf32
+    return _dot_dtype(dtype) == tl.float32 and not tf32
 
 
 def _blocks(rows: int, cols: int, pixel_reduction: bool = False) -> tuple[int, int, int]:
@@ -285,7 +287,7 @@ def forward(x, weight, bias, in_index, out_index, stride, padding, gather_input,
         *x.stride(), h, w, ho, wo, weight.shape[1], k_in, k_out, float(out_scale),
         STRIDE=stride, PAD=padding, KS=k, GATHER=gather_input, PROLOGUE=norm_scale is not None,
         HAS_BIAS=bias is not None, HAS_TEMB=temb_bias is not None, HAS_RES=residual is not None,
-        DOT_DTYPE=_dot_dtype(x.dtype), ALLOW_TF32=_allow_tf32(x.dtype), BM=bm, BN=bn, BK=bk,
+        DOT_DTYPE=_dot_dtype(x.dtype), IEEE=_ieee(x.dtype), BM=bm, BN=bn, BK=bk,
     )
     return out
 
@@ -310,7 +312,7 @@ def grad_input(grad_out, x, weight, in_index, out_index, stride, padding, gather
         grad_x, *grad_out.stride(), *x.stride(),
         h, w, ho, wo, weight.shape[1], k_in, k_out, float(out_scale),
         STRIDE=stride, PAD=padding, KS=k, GATHER=gather_input, PROLOGUE=prologue,
-        DOT_DTYPE=_dot_dtype(x.dtype), ALLOW_TF32=_allow_tf32(x.dtype), BM=bm, BN=bn, BK=bk,
+        DOT_DTYPE=_dot_dtype(x.dtype), IEEE=_ieee(x.dtype), BM=bm, BN=bn, BK=bk,
     )
     return grad_x, grad_scale, grad_shift
 
@@ -337,6 +339,6 @@ def grad_weight(grad_out, x, weight, in_index, out_index, stride, padding, gathe
         grad_w32, *grad_out.stride(), *x.stride(),
         n, h, w, ho, wo, weight.shape[1], k_in, k_out, float(out_scale), per_split,
         STRIDE=stride, PAD=padding, KS=k, GATHER=gather_input, PROLOGUE=norm_scale is not None,
-        ATOMIC=splits > 1, DOT_DTYPE=_dot_dtype(x.dtype), ALLOW_TF32=_allow_tf32(x.dtype), BM=bm, BN=bn, BK=bk,
+        ATOMIC=splits > 1, DOT_DTYPE=_dot_dtype(x.dtype), IEEE=_ieee(x.dtype), BM=bm, BN=bn, BK=bk,
     )
     return grad_w32.to(weight.dtype)

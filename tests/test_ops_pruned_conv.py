@@ -215,6 +215,23 @@ def test_channels_last_input(backend):
     assert_close_rel(gx, ref_gx, torch.float32, "grad x")
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_tf32_follows_torch_switch(backend):
+    """With cuDNN's TF32 allowed (torch's default) the GPU kernels use TF32 tensor cores too: ~1e-3 agreement."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    case = CASES[1]
+    inputs = make_inputs(case, torch.float32, "cuda", seed=13)
+    skip_unless_available(backend, inputs["x"], inputs["weight"])
+    torch.backends.cudnn.allow_tf32 = True  # the autouse fixture restores it
+    args = dict(inputs)
+    out = pruned_conv(args.pop("x"), args.pop("weight"), args.pop("bias"), args.pop("in_index"), args.pop("out_index"),
+                      backend=backend, **args)
+    expected = reference_call(as_float64_reference(inputs))
+    err = (out.double() - expected).abs().max().item()
+    assert err <= 5e-3 * expected.abs().max().item()
+
+
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_cpp_lower_instruction_sets_match(isa, monkeypatch):
     """Every ISA copy of the C++ micro-kernels (SAFEPRUNE_CPU_ISA forces a lower one) computes the same op."""
