@@ -17,6 +17,9 @@
 
 #include "checks.h"
 #include "cpu_isa.h"
+#if SAFEPRUNE_X86_MULTI_ISA
+#include <immintrin.h>  // the avx512 copy's silu16 (GCC allows the intrinsics under #pragma GCC target)
+#endif
 
 namespace safeprune {
 namespace groupnorm_silu_cpu {
@@ -40,6 +43,50 @@ namespace avx2 {
 namespace avx512 {
 #include "cpu_math.h"
 #include "groupnorm_silu_cpu_kernels.h"
+
+// silu(z) for 16 floats with the AVX-512 instructions the portable code cannot name: e^-z = 2^t, t = -z log2(e),
+// as scalef(p(t - round(t)), round(t)) with p a degree-5 fit of 2^f on [-1/2, 1/2] (relative error 2.2e-7),
+// and 1 / (1 + e^-z) by rcp14 plus one Newton step. t is clamped to +-100, where silu is exact to 1e-28.
+inline __m512 silu16(__m512 z) {
+  __m512 t = _mm512_mul_ps(z, _mm512_set1_ps(-1.44269504088896341f));
+  t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-100.f)), _mm512_set1_ps(100.f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.3266970636e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6754599362e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507425219e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022121727e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314694405e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192f));
+  const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.f));
+  __m512 r = _mm512_rcp14_ps(d);
+  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
+  return _mm512_mul_ps(z, r);
+}
+
+template <>
+inline void plane_apply<float, float>(const float* x, float* y, int64_t count, float a, float b) {
+  const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) _mm512_storeu_ps(y + i, silu16(_mm512_fmadd_ps(_mm512_loadu_ps(x + i), va, vb)));
+  if (i < count) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (count - i)) - 1u);
+    _mm512_mask_storeu_ps(y + i, m, silu16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + i), va, vb)));
+  }
+}
+
+template <>
+inline void row_apply<float, float>(const float* x, float* y, int64_t count, const float* a, const float* b) {
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16)
+    _mm512_storeu_ps(y + i, silu16(_mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(a + i),
+                                                   _mm512_loadu_ps(b + i))));
+  if (i < count) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (count - i)) - 1u);
+    _mm512_mask_storeu_ps(y + i, m, silu16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, a + i),
+                                                           _mm512_maskz_loadu_ps(m, b + i))));
+  }
+}
 }  // namespace avx512
 #pragma GCC pop_options
 #endif

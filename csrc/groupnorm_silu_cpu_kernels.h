@@ -60,10 +60,18 @@ inline void merge_moments(const double* means, const double* m2s, int64_t parts,
   rstd_out = static_cast<A>(1.0 / std::sqrt(var + eps));
 }
 
+// y = silu(x a + b) over one plane (scalar a, b) or one pixel's channels (per-channel a, b). The avx512 copy
+// specialises both for float (groupnorm_silu_cpu.cpp).
 template <typename T, typename A>
 inline void plane_apply(const T* x, T* y, int64_t count, A a, A b) {
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) y[i] = static_cast<T>(silu_of<A>(load_as<T, A>(x, i) * a + b));
+}
+
+template <typename T, typename A>
+inline void row_apply(const T* x, T* y, int64_t count, const A* a, const A* b) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) y[i] = static_cast<T>(silu_of<A>(load_as<T, A>(x, i) * a[i] + b[i]));
 }
 
 // Sums of dz and dz * xhat over one plane; xhat = x r + o, z = xhat gamma + beta.
@@ -269,12 +277,7 @@ void forward_nhwc(const T* x, const A* gamma, const A* beta, T* y, A* mean, A* r
       const int64_t n = task / blocks, r0 = (task % blocks) * rows, r1 = r0 + rows < HW ? r0 + rows : HW;
       const A* an = a.data() + n * C;
       const A* bn = b.data() + n * C;
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* xr = x + (n * HW + r) * C;
-        T* yr = y + (n * HW + r) * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<T>(silu_of<A>(load_as<T, A>(xr, c) * an[c] + bn[c]));
-      }
+      for (int64_t r = r0; r < r1; ++r) row_apply<T, A>(x + (n * HW + r) * C, y + (n * HW + r) * C, C, an, bn);
     }
   });
 }

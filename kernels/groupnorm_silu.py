@@ -54,14 +54,13 @@ def _partial_moments_kernel(
 
 
 @triton.jit
-def _group_stats(part_ptr, ng, HW, CG, NBLK, eps, BLOCK_HW: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Chan merge of one group's block moments -> (mean, rstd)."""
+def _group_stats(part_ptr, ng, HW, CG, NBLK, total, eps, BLOCK_HW: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Chan merge of one group's block moments -> (mean, rstd); total = HW * CG as a float."""
     p = tl.arange(0, BLOCK_P)
     valid = p < NBLK
     pmean = tl.load(part_ptr + (ng * NBLK + p) * 2, mask=valid, other=0.0)
     pm2 = tl.load(part_ptr + (ng * NBLK + p) * 2 + 1, mask=valid, other=0.0)
     pcount = tl.where(valid, tl.minimum(HW - p * BLOCK_HW, BLOCK_HW) * CG, 0).to(tl.float32)
-    total = (HW * CG).to(tl.float32)
     mean = tl.sum(pcount * pmean, axis=0) / total
     dm = tl.where(valid, pmean - mean, 0.0)
     m2 = tl.sum(pm2 + pcount * dm * dm, axis=0)
@@ -75,12 +74,12 @@ def _apply_kernel(
     w_ptr, b_ptr,  # (C,)
     part_ptr,  # (N * G, NBLK, 2) fp32
     mean_ptr, rstd_ptr,  # (N * G,) fp32
-    HW, CG, G, NBLK, s_n, s_c, s_hw, eps,
+    HW, CG, G, NBLK, s_n, s_c, s_hw, total, eps,
     BLOCK_HW: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     ng = tl.program_id(0)
     blk = tl.program_id(1)
-    mean, rstd = _group_stats(part_ptr, ng, HW, CG, NBLK, eps, BLOCK_HW, BLOCK_P)
+    mean, rstd = _group_stats(part_ptr, ng, HW, CG, NBLK, total, eps, BLOCK_HW, BLOCK_P)
     if blk == 0:
         tl.store(mean_ptr + ng, mean)
         tl.store(rstd_ptr + ng, rstd)
@@ -139,7 +138,7 @@ def _grad_apply_kernel(
     w_ptr, b_ptr,  # (C,)
     mean_ptr, rstd_ptr,  # (N * G,) fp32
     pdz_ptr, pdzx_ptr,  # (N, NBLK, C) fp32
-    C, HW, CG, G, NBLK, s_n, s_c, s_hw,
+    C, HW, CG, G, NBLK, s_n, s_c, s_hw, total,
     BLOCK_HW: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     ng = tl.program_id(0)
@@ -158,7 +157,6 @@ def _grad_apply_kernel(
     poffs = (n * NBLK + p) * C + g * CG + c1[None, :]
     sdz = tl.sum(tl.load(pdz_ptr + poffs, mask=pmask, other=0.0), axis=0)
     sdzx = tl.sum(tl.load(pdzx_ptr + poffs, mask=pmask, other=0.0), axis=0)
-    total = (HW * CG).to(tl.float32)
     k1 = tl.sum(gamma1 * sdz, axis=0) / total
     k2 = tl.sum(gamma1 * sdzx, axis=0) / total
     gamma = gamma1[None, :]
@@ -224,7 +222,7 @@ def forward(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.
     _partial_moments_kernel[(groups, nblk)](
         x, part, hw, cg, num_groups, nblk, s_n, s_c, s_hw, BLOCK_HW=block_hw, BLOCK_CG=block_cg, num_warps=warps)
     _apply_kernel[(groups, nblk)](
-        x, y, weight, bias, part, mean, rstd, hw, cg, num_groups, nblk, s_n, s_c, s_hw, float(eps),
+        x, y, weight, bias, part, mean, rstd, hw, cg, num_groups, nblk, s_n, s_c, s_hw, float(hw * cg), float(eps),
         BLOCK_HW=block_hw, BLOCK_CG=block_cg, BLOCK_P=triton.next_power_of_2(nblk), num_warps=warps)
     return y, mean, rstd
 
@@ -246,7 +244,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torc
         x, dy, weight, bias, mean, rstd, pdz, pdzx, c, hw, cg, num_groups, nblk, s_n, s_c, s_hw,
         BLOCK_HW=block_hw, BLOCK_CG=block_cg, num_warps=warps)
     _grad_apply_kernel[(groups, nblk)](
-        x, dy, dx, weight, bias, mean, rstd, pdz, pdzx, c, hw, cg, num_groups, nblk, s_n, s_c, s_hw,
+        x, dy, dx, weight, bias, mean, rstd, pdz, pdzx, c, hw, cg, num_groups, nblk, s_n, s_c, s_hw, float(hw * cg),
         BLOCK_HW=block_hw, BLOCK_CG=block_cg, BLOCK_P=triton.next_power_of_2(nblk), num_warps=warps)
     dweight = pdzx.sum(dim=(0, 1)).to(weight.dtype)
     dbias = pdz.sum(dim=(0, 1)).to(bias.dtype)

@@ -166,3 +166,17 @@ def test_auto_never_picks_the_triton_interpreter_for_cpu_tensors():
         assert choose(name, torch.ones(2, device="meta")).name == "triton"  # not a CPU tensor: auto may take it
     finally:
         dispatch._REGISTRY.pop(name)
+
+
+def test_info_lists_every_op_backend_with_reasons(capsys):
+    from safeprune_engine import info
+
+    report = info.report()
+    assert {"groupnorm_silu", "distill_loss"} <= set(report["backends"])
+    for table in report["backends"].values():
+        assert list(table)[-1] == "reference" and table["reference"] == []
+        if torch.version.cuda is None:
+            assert any("CPU-only build" in r for r in table["cuda"])  # a reason, not an exception
+    assert info.main([]) == 0
+    text = capsys.readouterr().out
+    assert "groupnorm_silu:" in text and "reference  available" in text and "torch" in text

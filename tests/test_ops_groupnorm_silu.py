@@ -15,6 +15,7 @@ OP = "groupnorm_silu"
 # (shape, groups): minimal, odd pruned widths (37 with G=1, 40/G=8, 200/G=25), SD-1.5 block shapes scaled down
 SHAPES = [
     ((1, 1, 1, 3), 1),
+    ((3, 1, 1, 1), 1),  # one value per group: variance 0
     ((2, 40, 5, 6), 8),
     ((1, 37, 7, 5), 1),
     ((2, 200, 3, 3), 25),
@@ -77,12 +78,12 @@ def _cases():
     cases = []
     for backend, device in kernel_backend_devices():
         interpreted = backend == "triton" and device == "cpu"  # the interpreter's cost grows with programs
-        for shape, groups in (SHAPES[:4] + SHAPES[5:] if interpreted else SHAPES):
+        for shape, groups in ([s for s in SHAPES if s[0] != (2, 64, 8, 8)] if interpreted else SHAPES):
             for channels_last in (False, True):
                 cases.append(pytest.param(backend, device, shape, groups, channels_last, torch.float32,
                                           id=f"{backend}-{device}-{shape}g{groups}-{'nhwc' if channels_last else 'nchw'}-fp32"))
         # low precision: two shapes each layout (one under the interpreter)
-        for shape, groups in ((SHAPES[1],) if interpreted else (SHAPES[1], SHAPES[4])):
+        for shape, groups in (((2, 40, 5, 6), 8),) + (() if interpreted else (((2, 64, 8, 8), 32),)):
             for channels_last in (False, True):
                 for dtype in LOW_PRECISION:
                     cases.append(pytest.param(backend, device, shape, groups, channels_last, dtype,
@@ -93,7 +94,7 @@ def _cases():
 
 @pytest.mark.parametrize("backend,device,shape,groups,channels_last,dtype", _cases())
 def test_backend_matches_reference(backend, device, shape, groups, channels_last, dtype):
-    x, w, b, dy = make_inputs(shape, dtype, device, channels_last, seed=hash((shape, channels_last)) % 1000)
+    x, w, b, dy = make_inputs(shape, dtype, device, channels_last, seed=sum(shape) + channels_last)
     backend_or_skip(backend, x, groups, w, b)
     got = run(x, groups, w, b, dy, backend)
     assert_all_close(got, run(x, groups, w, b, dy, "reference"), dtype, backend)
