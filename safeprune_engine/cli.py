@@ -63,6 +63,16 @@ RUN_FLAGS = {
     "keep_checkpoints": (int, "checkpoints to keep"),
     "resume": (str, "latest | CHECKPOINT_DIR"),
     "log_every": (int, "log scalars every N steps"),
+    "launcher": (str, "deepspeed | torchrun: start --nproc processes on this machine"),
+    "nproc": (int, "processes (ranks) to start with --launcher"),
+    "zero_stage": (int, "0 (plain data parallel) | 1 | 2 | 3: DeepSpeed ZeRO stage of the student"),
+    "teacher_zero3": (bool, "shard the frozen teacher across ranks (optimizer-less ZeRO-3 engine)"),
+    "zero3_persistence_threshold": (int, "ZeRO-3 keeps tensors with fewer elements whole (default 100000)"),
+    "gradient_checkpointing": (bool, "recompute student activations in backward (less memory, more time)"),
+    "channels_last": (bool, "NHWC memory format for the UNets' convolutions"),
+    "use_8bit_adam": (bool, "bitsandbytes AdamW8bit states for every solver optimizer"),
+    "teacher_int8": (bool, "bitsandbytes int8 Linear layers in the teacher (the output error is reported)"),
+    "teacher_dtype": (str, "fp32 | bf16 | fp16 (default: the --mixed-precision dtype)"),
 }
 
 
@@ -85,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (kind, text) in RUN_FLAGS.items():
         if name in REPEATABLE:
             run.add_argument(flag(name), action="append", default=None, help=text)
+        elif kind is bool:  # a switch: given = True, absent = the config file's (or default) value
+            run.add_argument(flag(name), action="store_true", default=None, help=text)
         else:
             run.add_argument(flag(name), type=kind, default=None, help=text)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -147,6 +159,10 @@ def command_run(args) -> int:
         run_default(config, methods=(args.method,) if args.method else METHODS, explicit=explicit_fields(args))
         return 0
     result = train(config)
+    import os
+
+    if os.environ.get("SAFEPRUNE_LAUNCHED") or os.environ.get("RANK", "0") != "0":
+        return 0  # ranks started by --launcher: the parent process reports
     print(f"done: {result.steps_run} steps; student pipeline at {result.pipeline_dir}")
     report = result.prune_report
     if report:
@@ -199,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except SafepruneError as error:
-        print(f"safeprune: error: {error}", file=sys.stderr)
+        import os
+
+        if os.environ.get("RANK", "0") == "0":  # launched ranks fail together; one message is enough
+            print(f"safeprune: error: {error}", file=sys.stderr)
         return 2
 
 

@@ -26,7 +26,11 @@ IDENTITY_FIELDS = (
     "upper_every", "two_stage_erase_steps", "esd_pool_size", "esd_ddim_steps", "esd_guidance",
     "prune_method", "prune_calibration_batches", "preserve", "preserve_weight", "uce_when", "uce_lambda",
     "salun_base", "salun_topk", "salun_batches",
+    "use_8bit_adam", "teacher_int8", "teacher_dtype",
 )
+LAUNCHERS = ("deepspeed", "torchrun")
+ZERO_STAGES = (0, 1, 2, 3)
+TEACHER_DTYPES = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -94,6 +98,18 @@ class RunConfig:
     resume: str | None = None  # "latest" or a checkpoint directory
     log_every: int = 10
     progress: bool = True
+
+    # scale: processes, ZeRO sharding and memory options (see safeprune_engine/distributed)
+    launcher: str | None = None  # "deepspeed" | "torchrun": start --nproc processes; None = this process
+    nproc: int = 1  # processes (ranks) the launcher starts on this machine
+    zero_stage: int = 0  # 0 = plain data parallel (DDP); 1/2/3 = DeepSpeed ZeRO for the student
+    teacher_zero3: bool = False  # shard the frozen teacher UNet across ranks as an optimizer-less ZeRO-3 engine
+    zero3_persistence_threshold: int | None = None  # ZeRO-3 keeps tensors below this size whole (None: 100000)
+    gradient_checkpointing: bool = False  # recompute student activations in backward
+    channels_last: bool = False  # NHWC memory format for student and teacher convolutions
+    use_8bit_adam: bool = False  # bitsandbytes AdamW8bit for every solver optimizer
+    teacher_int8: bool = False  # bitsandbytes int8 Linear layers in the teacher UNet
+    teacher_dtype: str | None = None  # "fp32" | "bf16" | "fp16"; None = the training dtype (--mixed-precision)
     version: int = CONFIG_VERSION
 
     # ---- (de)serialisation -------------------------------------------------------------------------
@@ -245,4 +261,30 @@ class RunConfig:
             raise SafepruneError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         if self.method == "two-stage" and self.effective_two_stage_erase_steps >= self.steps:
             raise SafepruneError("--two-stage-erase-steps must be smaller than --steps (some steps must distill)")
+        self.validate_scale()
         return self
+
+    def validate_scale(self) -> None:
+        """The process / ZeRO / memory options (checks that need no import of deepspeed or bitsandbytes)."""
+        if self.launcher is not None and self.launcher not in LAUNCHERS:
+            raise SafepruneError(f"unknown launcher {self.launcher!r}; choose one of {', '.join(LAUNCHERS)}")
+        if isinstance(self.nproc, bool) or not isinstance(self.nproc, int) or self.nproc < 1:
+            raise SafepruneError(f"--nproc must be a whole number >= 1, got {self.nproc!r}")
+        if self.nproc > 1 and self.launcher is None:
+            raise SafepruneError(f"--nproc {self.nproc} needs --launcher deepspeed or --launcher torchrun")
+        if self.zero_stage not in ZERO_STAGES:
+            raise SafepruneError(f"--zero-stage must be one of {', '.join(map(str, ZERO_STAGES))}, "
+                                 f"got {self.zero_stage!r}")
+        if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
+            raise SafepruneError(f"unknown teacher dtype {self.teacher_dtype!r}; choose one of "
+                                 f"{', '.join(TEACHER_DTYPES)}")
+        if self.teacher_int8 and self.teacher_zero3:
+            raise SafepruneError("--teacher-int8 and --teacher-zero3 exclude each other: ZeRO-3 partitions and "
+                                 "gathers plain parameters, not bitsandbytes' int8 weights with their scales")
+        if self.zero3_persistence_threshold is not None and self.zero3_persistence_threshold < 0:
+            raise SafepruneError("--zero3-persistence-threshold must be >= 0")
+        for name in ("batch_size", "concept_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value % self.nproc:
+                raise SafepruneError(f"--{name.replace('_', '-')} {value} is the global batch and must split "
+                                     f"evenly over --nproc {self.nproc} ranks")

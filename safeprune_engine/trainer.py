@@ -174,6 +174,8 @@ def build_engine(config: RunConfig, teacher, student, data_folder, cache_dir: Pa
     from .data.cache import build_latent_cache
     from .distill.features import pair_feature_blocks
     from .distill.losses import FeatureProjections
+    from .memory import (apply_student_options, apply_teacher_options, quantize_teacher_int8, teacher_torch_dtype,
+                         write_int8_report)
     from .unlearn.base import build_objective
 
     teacher.unet.to(device)
@@ -187,6 +189,7 @@ def build_engine(config: RunConfig, teacher, student, data_folder, cache_dir: Pa
                                              progress)
     student.to(device).train()
     student.requires_grad_(True)
+    apply_student_options(student, config)
     text_shape = tuple(data_cache.text_emb.shape[1:])
     # pairs of same-sized block outputs: every block for width pruning, the kept stages for block removal
     student_shapes = block_shapes(student, latent_size, text_shape, device)
@@ -194,9 +197,11 @@ def build_engine(config: RunConfig, teacher, student, data_folder, cache_dir: Pa
     feature_pairs = pair_feature_blocks(student_shapes, teacher_shapes)
     projections = FeatureProjections([student_shapes[s][0] for s, _ in feature_pairs],
                                      [teacher_shapes[t][0] for _, t in feature_pairs]).to(device)
-    # the teacher runs in the training dtype (the trainer casts it back to fp32 before export)
-    train_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
-    teacher_unet = cast_module(teacher.unet, train_dtype).to(device).eval().requires_grad_(False)
+    # the teacher runs in the training dtype or --teacher-dtype (the trainer casts it back to fp32 before export)
+    teacher_unet = cast_module(teacher.unet, teacher_torch_dtype(config)).to(device).eval().requires_grad_(False)
+    apply_teacher_options(teacher_unet, config)
+    if config.teacher_int8:
+        write_int8_report(config.out, quantize_teacher_int8(teacher_unet, latent_size, text_shape, seed=config.seed))
     if config.kernels != "off":  # fused ops in both UNets, in place; state dicts and outputs stay the same
         from .patching import patch_unet
 
@@ -209,6 +214,18 @@ def build_engine(config: RunConfig, teacher, student, data_folder, cache_dir: Pa
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
+def launched_result(config: RunConfig, exit_code: int) -> TrainResult:
+    """What ranks started by --launcher left in --out (their student is in OUT/pipeline, not in memory here)."""
+    if exit_code != 0:
+        raise SafepruneError(f"the {config.nproc}-rank run under {config.launcher} failed (exit code {exit_code}); "
+                             "its messages are above")
+    out = Path(config.out)
+    summary = json.loads((out / "summary.json").read_text())
+    return TrainResult(out_dir=out, pipeline_dir=out / "pipeline", student=None, teacher=None,
+                       prune_report=summary.get("prune", {}), history=summary.get("history", []),
+                       steps_run=summary.get("steps_run", 0))
+
+
 def train(config: RunConfig, teacher=None, student=None) -> TrainResult:
     """Run prune -> cache -> train -> export as configured. Returns the trained student and where it went.
 
@@ -217,8 +234,10 @@ def train(config: RunConfig, teacher=None, student=None) -> TrainResult:
     """
     from tqdm.auto import tqdm
 
-    from .bilevel.solvers import build_solver
     from .data.imagefolder import ImageFolder
+    from .distributed.launcher import launch
+    from .distributed.runtime import launched
+    from .distributed.session import open_session
     from .models.export import export_pipeline
     from .models.pruned_unet import load_student_unet
     from .models.teacher import load_teacher
@@ -230,9 +249,14 @@ def train(config: RunConfig, teacher=None, student=None) -> TrainResult:
         raise SafepruneError("--data is required with --teacher: an image folder with metadata.jsonl")
     config.validate()
     check_run_dir(config)
-    materialize_builtin(config)
-    progress = config.progress
-    device = resolve_device(config)
+    if config.launcher is not None and not launched():  # this same job, as --nproc ranks under the launcher
+        return launched_result(config, launch(config))
+    session = open_session(config)  # this process's place among the ranks (or a plain single process)
+    if session.is_main:
+        materialize_builtin(config)
+    session.barrier()
+    progress = config.progress and session.is_main
+    device = session.device
 
     # -- validate every input before writing anything (beyond the built-in default's own files) --
     data_folder = ImageFolder(config.data)
@@ -241,9 +265,10 @@ def train(config: RunConfig, teacher=None, student=None) -> TrainResult:
     resume_path = ckpt.resolve_resume(config.out, config.resume) if config.resume else None
     if teacher is None:
         teacher = load_teacher(config.teacher)
+    teacher_fingerprint = teacher.fingerprint("unet")  # now: a ZeRO-3-sharded teacher has no whole weights later
     resume_meta = ckpt.load_checkpoint_meta(resume_path) if resume_path else None
     if resume_meta is not None:
-        if resume_meta.get("teacher_unet") != teacher.fingerprint("unet"):
+        if resume_meta.get("teacher_unet") != teacher_fingerprint:
             raise SafepruneError(f"--resume {resume_path}: the checkpoint was trained from another teacher "
                                  "(architecture or weights differ)")
         stored_identity = resume_meta.get("identity", {})
@@ -279,14 +304,17 @@ def train(config: RunConfig, teacher=None, student=None) -> TrainResult:
         prune_report = {"params_before": count_params(teacher.unet), "params_after": count_params(student),
                         "macs_before": teacher_macs, "macs_after": count_macs(student, sample_size=latent_size)}
 
+    session.sync_student(student)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.json").write_text(identity_config.to_json())
-    (out / "prune_report.json").write_text(json.dumps(prune_report, indent=2))
+    if session.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.json").write_text(identity_config.to_json())
+        (out / "prune_report.json").write_text(json.dumps(prune_report, indent=2))
+    session.barrier()
 
     cache_dir = Path(config.cache_dir) if config.cache_dir else out / "cache"
-    engine = build_engine(config, teacher, student, data_folder, cache_dir, latent_size, device, progress)
-    solver = build_solver(engine, config)
+    engine = session.build_engine(config, teacher, student, data_folder, cache_dir, latent_size, progress)
+    solver = session.build_solver(engine, config)
     projections = engine.projections
     teacher_unet = engine.teacher
     objective = engine.objective
@@ -303,20 +331,20 @@ def train(config: RunConfig, teacher=None, student=None) -> TrainResult:
         start_step = int(resume_meta["step"])
         log.info("resumed from %s at step %d", resume_path, start_step)
 
-    meta = {"identity": identity_config.identity(), "teacher_unet": teacher.fingerprint("unet"),
+    meta = {"identity": identity_config.identity(), "teacher_unet": teacher_fingerprint,
             "student_widths": student.config.get("pruned_widths"), "prune_report": prune_report}
 
     def save(step: int) -> Path:
         state = {"solver": solver.state_dict(), "sampler": engine.sampler.state_dict(),
                  "generator": engine.generator.get_state(),
                  "objective": objective.state_dict() if objective is not None else {}}
-        return ckpt.save_checkpoint(out, step, student, projections, state, meta, keep=config.keep_checkpoints)
+        return session.save_checkpoint(out, step, student, projections, state, meta, config.keep_checkpoints)
 
     writer = None
     try:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step)
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step) if session.is_main else None
     except ImportError:  # tensorboard is an install dependency, but training must not die for a logger
         log.warning("tensorboard is not installed: no scalar logs")
 
@@ -350,10 +378,14 @@ def train(config: RunConfig, teacher=None, student=None) -> TrainResult:
         objective.on_train_end(engine)  # e.g. UCE's final edit: part of the last checkpoint and the export
     if steps_run > 0 or not ckpt.list_checkpoints(out):
         save(config.steps)
-    cast_module(teacher_unet, torch.float32)
-    pipeline_dir = export_pipeline(teacher, student, out / "pipeline")
-    summary = {"steps": config.steps, "steps_run": steps_run, "seconds": elapsed, "prune": prune_report,
-               "final": history[-1] if history else {}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    session.release_teacher(teacher_unet)
+    student = session.final_student(student)  # ZeRO: the whole fp32 student, gathered from the partitions
+    pipeline_dir = out / "pipeline"
+    if session.is_main:
+        export_pipeline(teacher, student, pipeline_dir)
+        summary = {"steps": config.steps, "steps_run": steps_run, "seconds": elapsed, "prune": prune_report,
+                   "final": history[-1] if history else {}, "history": history, **session.report()}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    session.barrier()
     return TrainResult(out_dir=out, pipeline_dir=pipeline_dir, student=student, teacher=teacher,
                        prune_report=prune_report, history=history, steps_run=steps_run)

@@ -180,8 +180,8 @@ def _check_prediction_type(scheduler_config: dict, where: str) -> str:
 
 
 _SDXL_HINT = (
-    "SDXL pipelines (two text encoders, added time/text embeddings) are not supported yet; "
-    "use a Stable Diffusion 1.x or 2.x pipeline"
+    "SDXL pipelines (two text encoders, added time/text embeddings) are not supported yet (tracked: README, "
+    "'Tracked limitations: SDXL'); use a Stable Diffusion 1.x or 2.x pipeline"
 )
 
 
