@@ -177,6 +177,9 @@ def triton_reasons(tensors: Iterable[torch.Tensor], kernel_module: str) -> list[
     """Why Triton cannot run `kernel_module` on `tensors` (CUDA tensors, or CPU ones under the interpreter)."""
     if importlib.util.find_spec("triton") is None:
         return ["triton is not installed (pip install triton, or the [kernels] extra)"]
+    tensors = list(tensors)
+    if not tensors and not torch.cuda.is_available() and not triton_interpreting(kernel_module):
+        return ["no CUDA device is visible (Triton runs on GPUs; on CPU only under TRITON_INTERPRET=1, for tests)"]
     reasons = []
     for kind in sorted({t.device.type for t in tensors}):
         if kind == "cpu":
