@@ -40,6 +40,9 @@ namespace avx2 {
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+// GCC 12 flags the deliberate "__m512 __Y = __Y" of _mm512_undefined_ps inside the intrinsics (a false positive)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 namespace avx512 {
 #include "cpu_math.h"
 #include "groupnorm_silu_cpu_kernels.h"
@@ -88,6 +91,7 @@ inline void row_apply<float, float>(const float* x, float* y, int64_t count, con
   }
 }
 }  // namespace avx512
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 #endif
 
