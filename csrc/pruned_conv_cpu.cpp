@@ -26,7 +26,7 @@
 namespace safeprune {
 namespace pruned_conv_cpu {
 
-constexpr int64_t MR = 6;  // rows per register tile: pixels (forward, grad_input) or input channels (grad_weight)
+constexpr int64_t MR = 8;  // rows per register tile: pixels (forward, grad_input) or input channels (grad_weight)
 template <typename T>
 constexpr int64_t NR() { return 128 / int64_t(sizeof(T)); }  // columns per register tile: 128 bytes
 

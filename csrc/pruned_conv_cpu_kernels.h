@@ -2,7 +2,8 @@
 // no namespace here; pruned_conv_cpu.cpp includes it inside namespaces generic / avx2 / avx512 after defining
 // MR and NR<T>(). A tile is MR rows x NR columns (NR = 128 bytes of T). Each copy keeps its accumulators in the
 // widest vectors of its ISA (GCC vector extensions: 64 bytes for AVX-512, 32 for AVX2, 16 for SSE2) and walks
-// the MR rows in passes of as many rows as about 12 accumulator registers hold, so nothing spills.
+// the MR rows in passes of as many rows as its accumulator registers hold (24 of the 32 AVX-512 registers, 12
+// of the 16 AVX2/SSE ones), so nothing spills.
 
 // set by the includer per ISA copy (`#pragma GCC target` does not update __AVX2__/__AVX512F__ for C++)
 constexpr int64_t VECTOR_BYTES = SAFEPRUNE_VECTOR_BYTES;
@@ -17,9 +18,12 @@ template <typename T>
 constexpr int64_t vectors_per_row() { return NR<T>() * int64_t(sizeof(T)) / VECTOR_BYTES; }
 
 template <typename T>
-constexpr int64_t rows_per_pass() {  // a divisor of MR (6) with rows * vectors_per_row <= 12 where possible
-  constexpr int64_t fit = 12 / vectors_per_row<T>();
-  return fit >= MR ? MR : (fit >= 3 ? 3 : (fit >= 2 ? 2 : 1));
+constexpr int64_t rows_per_pass() {  // the largest divisor of MR whose accumulators fit the vector registers
+  constexpr int64_t budget = VECTOR_BYTES == 64 ? 24 : 12;
+  int64_t best = 1;
+  for (int64_t r = 1; r <= MR; ++r)
+    if (MR % r == 0 && r * vectors_per_row<T>() <= budget) best = r;
+  return best;
 }
 
 // out[m][j] = sum_t sum_{c<K} a[tap_off[t] + m*a_step + c] * b_taps[t][c*NR + j]      (m < MR, j < NR)
