@@ -117,6 +117,19 @@ def test_every_cpu_instruction_set_copy(isa, monkeypatch):
         assert_all_close(run(x, 8, w, b, dy, "cpp"), run(x, 8, w, b, dy, "reference"), torch.float32, isa)
 
 
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_every_cpu_copy_where_the_sigmoid_saturates(isa, monkeypatch):
+    """Pre-activations far beyond the sigmoid's clamp (|z| up to ~150): silu is z or 0 there, its slope 1 or 0."""
+    x, _, _, dy = make_inputs((2, 40, 5, 6), torch.float32, "cpu", False, seed=3)
+    w = torch.linspace(-60.0, 60.0, 40)
+    b = torch.linspace(-40.0, 40.0, 40).flip(0)
+    backend_or_skip("cpp", x, 8, w, b)
+    monkeypatch.setenv("SAFEPRUNE_CPU_ISA", isa)
+    got, want = run(x, 8, w, b, dy, "cpp"), run(x, 8, w, b, dy, "reference")
+    assert got[0].abs().max() > 100 and (got[0] < 0).any()  # the saturated region is really reached
+    assert_all_close(got, want, torch.float32, f"{isa} saturated")
+
+
 def test_float32_weights_with_low_precision_input():
     """Mixed precision: bf16 activations with the float32 GroupNorm parameters a float32 model keeps."""
     x, w, b, dy = make_inputs((2, 40, 5, 6), torch.bfloat16, "cpu", False)
