@@ -323,6 +323,8 @@ def test_pruned_conv2d_is_a_drop_in_for_conv2d_and_shares_its_parameters():
     module = PrunedConv2d.from_conv(conv, backend="reference")
     assert module.weight is conv.weight and module.bias is conv.bias
     assert list(module.state_dict()) == list(conv.state_dict()) == ["weight", "bias"]
+    for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+        assert getattr(module, attr) == getattr(conv, attr), attr
     x = torch.randn(2, 13, 9, 10)
     torch.testing.assert_close(module(x), conv(x))
     module(x).sum().backward()

@@ -478,9 +478,11 @@ class PrunedConv2d(nn.Module):
             dispatch.requested_mode(backend)
         self.weight = weight
         self.bias = bias
-        self.stride, self.padding, self.gather_input, self.backend = int(stride), int(padding), gather_input, backend
+        self.gather_input, self.backend = gather_input, backend
         out_channels, in_channels, k, _ = weight.shape
-        self.kernel_size = (k, k)
+        # nn.Conv2d's attributes, for code that reads them off a drop-in (the op needs groups 1, dilation 1)
+        self.kernel_size, self.stride, self.padding = (k, k), (int(stride),) * 2, (int(padding),) * 2
+        self.dilation, self.groups, self.padding_mode = (1, 1), 1, "zeros"
         # index buffers are not persistent: the state dict stays the dense conv's (weight, bias)
         self.register_buffer("in_index", self._checked(in_index, in_channels, "in_index").to(weight.device),
                              persistent=False)
@@ -513,8 +515,8 @@ class PrunedConv2d(nn.Module):
 
     def forward(self, x: Tensor, norm_scale: Optional[Tensor] = None, norm_shift: Optional[Tensor] = None,
                 temb_bias: Optional[Tensor] = None, residual: Optional[Tensor] = None, out_scale: float = 1.0) -> Tensor:
-        return pruned_conv(x, self.weight, self.bias, self.in_index, self.out_index, stride=self.stride,
-                           padding=self.padding, gather_input=self.gather_input, norm_scale=norm_scale,
+        return pruned_conv(x, self.weight, self.bias, self.in_index, self.out_index, stride=self.stride[0],
+                           padding=self.padding[0], gather_input=self.gather_input, norm_scale=norm_scale,
                            norm_shift=norm_shift, temb_bias=temb_bias, residual=residual, out_scale=out_scale,
                            backend=self.backend)
 
