@@ -74,10 +74,11 @@ inline void row_apply(const T* x, T* y, int64_t count, const A* a, const A* b) {
   for (int64_t i = 0; i < count; ++i) y[i] = static_cast<T>(silu_of<A>(load_as<T, A>(x, i) * a[i] + b[i]));
 }
 
-// Sums of dz and dz * xhat over one plane; xhat = x r + o, z = xhat gamma + beta.
-template <typename T, typename A>
+// Sums of dz and dz * xhat over one plane; xhat = x r + o, z = xhat gamma + beta. With KeepDz, dz is also
+// written to dz_out so the apply pass reads it instead of evaluating silu' a second time.
+template <typename T, typename A, bool KeepDz = false>
 inline void plane_grad_sums(const T* x, const T* dy, int64_t count, A r, A o, A gamma, A beta, double& sdz,
-                            double& sdzx) {
+                            double& sdzx, A* dz_out = nullptr) {
   double s1 = 0, s2 = 0;
   for (int64_t start = 0; start < count; start += kPlaneChunk) {
     const int64_t end = start + kPlaneChunk < count ? start + kPlaneChunk : count;
@@ -86,6 +87,7 @@ inline void plane_grad_sums(const T* x, const T* dy, int64_t count, A r, A o, A 
     for (int64_t i = start; i < end; ++i) {
       A xhat = load_as<T, A>(x, i) * r + o;
       A dz = load_as<T, A>(dy, i) * silu_grad_of<A>(xhat * gamma + beta);
+      if (KeepDz) dz_out[i] = dz;
       c1 += dz;
       c2 += dz * xhat;
     }
@@ -94,6 +96,16 @@ inline void plane_grad_sums(const T* x, const T* dy, int64_t count, A r, A o, A 
   }
   sdz = s1;
   sdzx = s2;
+}
+
+// dx from the dz that plane_grad_sums<..., true> kept
+template <typename T, typename A>
+inline void plane_grad_apply_kept(const T* x, const A* dz, T* dx, int64_t count, A r, A o, A gamma, A c1, A c2) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) {
+    A xhat = load_as<T, A>(x, i) * r + o;
+    dx[i] = static_cast<T>(r * (gamma * dz[i] - c1 - xhat * c2));
+  }
 }
 
 template <typename T, typename A>
@@ -176,12 +188,22 @@ void backward_nchw(const T* dy, const T* x, const A* gamma, const A* beta, const
                            c1, c2);
   };
   if (groups >= at::get_num_threads()) {
+    // one task per group; its dz (cg * HW values, cache-sized at UNet shapes) is kept between the two passes
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      std::vector<A> dz(cg * HW);
       for (int64_t ng = begin; ng < end; ++ng) {
-        for (int64_t k = 0; k < cg; ++k) plane_sums(ng * cg + k);
+        for (int64_t k = 0; k < cg; ++k) {
+          const int64_t p = ng * cg + k, c = p % C;
+          plane_grad_sums<T, A, true>(x + p * HW, dy + p * HW, HW, rstd[ng], -mean[ng] * rstd[ng], gamma[c], beta[c],
+                                      sdz[p], sdzx[p], dz.data() + k * HW);
+        }
         A c1, c2;
         group_coefficients(ng, c1, c2);
-        for (int64_t k = 0; k < cg; ++k) plane_apply_grad(ng * cg + k, c1, c2);
+        for (int64_t k = 0; k < cg; ++k) {
+          const int64_t p = ng * cg + k;
+          plane_grad_apply_kept<T, A>(x + p * HW, dz.data() + k * HW, dx + p * HW, HW, rstd[ng], -mean[ng] * rstd[ng],
+                                      gamma[p % C], c1, c2);
+        }
       }
     });
   } else {
