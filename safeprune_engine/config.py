@@ -197,7 +197,7 @@ class RunConfig:
             from .patching import check_backend
 
             check_backend(self.kernels)  # a forced backend that is not built fails before anything is written
-        if self.kernels != "off" and (getattr(self, "zero_stage", 0) == 3 or getattr(self, "teacher_zero3", False)):
+        if self.kernels != "off" and (self.zero_stage == 3 or self.teacher_zero3):
             raise SafepruneError("--kernels does not work with ZeRO-3 sharding (--zero-stage 3 / --teacher-zero3): "
                                  "the fused resnet forward reads GroupNorm parameters outside the modules whose "
                                  "hooks gather them; use --kernels off")

@@ -248,3 +248,11 @@ def test_kernels_setting_is_validated_and_not_an_identity_field():
     if dispatch.available_backends("pruned_conv")["cuda"]:
         with pytest.raises(SafepruneError, match="backend 'cuda' cannot run"):
             RunConfig(method="distill-only", kernels="cuda").validate()
+
+
+def test_kernels_are_refused_with_zero3_sharding():
+    from safeprune_engine.config import RunConfig
+
+    for zero in (dict(zero_stage=3), dict(teacher_zero3=True)):
+        with pytest.raises(SafepruneError, match="ZeRO-3"):
+            RunConfig(method="distill-only", kernels="auto", **zero).validate()
