@@ -250,6 +250,10 @@ def train(config: RunConfig, teacher=None, student=None) -> TrainResult:
     config.validate()
     check_run_dir(config)
     if config.launcher is not None and not launched():  # this same job, as --nproc ranks under the launcher
+        if teacher is not None or student is not None:
+            raise SafepruneError("--launcher starts new processes, which cannot receive in-memory teacher or "
+                                 "student objects; pass --teacher (a folder) instead, or start your script with "
+                                 "torchrun / deepspeed yourself")
         return launched_result(config, launch(config))
     session = open_session(config)  # this process's place among the ranks (or a plain single process)
     if session.is_main:

@@ -86,11 +86,12 @@ def single_process_run(world):
     return out
 
 
-def test_zero2_two_ranks_match_a_single_process_run(world, single_process_run):
-    """CLI --launcher torchrun --nproc 2 --zero-stage 2: same losses, same student, identical ranks, export loads."""
-    out = world["root"] / "zero2"
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_zero2_two_ranks_match_a_single_process_run(world, single_process_run, launcher):
+    """CLI --launcher L --nproc 2 --zero-stage 2: same losses, same student, identical ranks, export loads."""
+    out = world["root"] / f"zero2-{launcher}"
     done = run_cli(["--teacher", world["teacher"], "--data", world["data"], "--method", "bilevel", "--steps", "4",
-                    "--out", str(out), "--launcher", "torchrun", "--nproc", "2", "--zero-stage", "2", *RUN])
+                    "--out", str(out), "--launcher", launcher, "--nproc", "2", "--zero-stage", "2", *RUN])
     assert done.stdout.count("done: 4 steps") == 1  # the parent reports once; the ranks stay quiet
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["zero_stage"] == 2
@@ -361,6 +362,35 @@ def test_bad_scale_options_are_refused(changes, message):
         RunConfig(erase=["x"], **changes).validate()
 
 
+def test_half_precision_deepspeed_cannot_run_is_refused_before_any_rank_starts():
+    """DeepSpeed's CPU accelerator trains in bf16 but not fp16: a clear error, not a crash inside the ranks."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.accelerator import get_accelerator
+
+    from safeprune_engine.distributed.session import check_precisions_supported
+
+    if get_accelerator().is_fp16_supported():
+        pytest.skip("this accelerator trains in fp16")
+    with pytest.raises(SafepruneError, match="does not train in fp16"):
+        check_precisions_supported(RunConfig(erase=["x"], zero_stage=2, mixed_precision="fp16"))
+    with pytest.raises(SafepruneError, match="ZeRO-3 teacher's dtype fp16"):
+        check_precisions_supported(RunConfig(erase=["x"], teacher_zero3=True, teacher_dtype="fp16"))
+    check_precisions_supported(RunConfig(erase=["x"], zero_stage=0, mixed_precision="fp16"))  # torch autocast path
+
+
+def test_launcher_cannot_take_in_memory_models(tmp_path):
+    from safeprune_engine.models.teacher import bundle_from_pipeline
+    from safeprune_engine.testing import tiny_pipeline, write_image_folder
+    from safeprune_engine.trainer import train
+
+    data = write_image_folder(tmp_path / "data", CAPTIONS, size=16)
+    config = RunConfig(teacher="in-memory", data=str(data), out=str(tmp_path / "out"), erase=["by monet"],
+                       launcher="torchrun", nproc=2)
+    with pytest.raises(SafepruneError, match="cannot receive in-memory teacher"):
+        train(config, teacher=bundle_from_pipeline(tiny_pipeline()))
+    assert not (tmp_path / "out").exists()
+
+
 def test_scale_flags_are_cli_flags_and_yaml_keys(tmp_path):
     from safeprune_engine.cli import build_parser, run_config_from_args
 
@@ -388,20 +418,3 @@ def test_int8_teacher_error_is_measured():
     assert report["layers"] == linears > 0
     assert 0 < report["rel_l2"] < 0.05 and report["max_abs"] > 0
     assert type(unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q).__name__ == "Linear8bitLt"
-
-
-def test_sd_architectures_have_their_real_sizes():
-    from diffusers import UNet2DConditionModel
-
-    from safeprune_engine.models import sd_configs
-
-    sizes = {}
-    for arch in ("sd15", "sd21", "sdxl"):
-        with torch.device("meta"):
-            unet = UNet2DConditionModel(**sd_configs.unet_config(arch))
-        sizes[arch] = sum(p.numel() for p in unet.parameters())
-    assert 855e6 < sizes["sd15"] < 865e6 and 860e6 < sizes["sd21"] < 870e6 and 2.5e9 < sizes["sdxl"] < 2.6e9
-    assert sd_configs.scheduler_config("sd21")["prediction_type"] == "v_prediction"
-    assert sd_configs.scheduler_config("sd15")["prediction_type"] == "epsilon"
-    with pytest.raises(SafepruneError, match="Tracked limitations: SDXL"):
-        sd_configs.build_pipeline("sdxl")

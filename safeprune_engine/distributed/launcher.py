@@ -34,12 +34,20 @@ def launch_command(config, config_file: str, port: int) -> list[str]:
 
 
 def check_launcher_available(config) -> None:
-    if config.launcher == "deepspeed":
+    """What the ranks would fail on at start-up, checked once here: DeepSpeed present, precisions it supports."""
+    if config.launcher == "deepspeed" or config.zero_stage >= 1 or config.teacher_zero3:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         try:
             import deepspeed  # noqa: F401
         except ImportError as error:
-            raise SafepruneError(f"--launcher deepspeed needs DeepSpeed (pip install 'safeprune-engine[scale]'): "
-                                 f"{error}") from None
+            raise SafepruneError(f"--launcher deepspeed, --zero-stage >= 1 and --teacher-zero3 need DeepSpeed (pip "
+                                 f"install 'safeprune-engine[scale]'): {error}") from None
+        from .session import check_precisions_supported
+
+        check_precisions_supported(config)
 
 
 def launch(config) -> int:

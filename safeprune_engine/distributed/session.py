@@ -98,6 +98,26 @@ def weight_checksum(module) -> str:
     return hasher.hexdigest()[:16]
 
 
+def check_precisions_supported(config) -> None:
+    """DeepSpeed runs half-precision engines only where its accelerator supports them (its CPU accelerator: bf16)."""
+    from deepspeed.accelerator import get_accelerator
+
+    from ..memory import teacher_precision
+
+    accelerator = get_accelerator()
+    wanted = []
+    if config.zero_stage >= 1 and config.mixed_precision in ("bf16", "fp16"):
+        wanted.append(("--mixed-precision", config.mixed_precision))
+    if config.teacher_zero3 and teacher_precision(config) in ("bf16", "fp16"):
+        wanted.append(("the ZeRO-3 teacher's dtype", teacher_precision(config)))
+    for what, precision in wanted:
+        supported = accelerator.is_bf16_supported() if precision == "bf16" else accelerator.is_fp16_supported()
+        if not supported:
+            raise SafepruneError(f"{what} {precision}: DeepSpeed's {accelerator.device_name()} accelerator does not "
+                                 f"train in {precision}; use bf16 or fp32 there, or --zero-stage 0 without "
+                                 "--teacher-zero3 (torch autocast)")
+
+
 class DistributedSession:
     """This process is one rank (possibly of a world of one). See safeprune_engine/distributed/__init__.py."""
 
@@ -113,6 +133,8 @@ class DistributedSession:
                                      f"'safeprune-engine[scale]'): {error}") from None
         self.config = config
         self.context = init_context(config, need_deepspeed)
+        if need_deepspeed:
+            check_precisions_supported(config)
         self.rank, self.world_size = self.context.rank, self.context.world_size
         self.is_main = self.context.is_main
         self.device = self.context.device

@@ -24,8 +24,6 @@ over ranks right before each optimizer step (plain DDP semantics; checkpoints ar
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
@@ -35,8 +33,6 @@ from . import zero_state
 from .runtime import row_major
 from .slot_optimizer import SlotOptimizer
 from .zero_config import student_config
-
-log = logging.getLogger("safeprune_engine")
 
 
 class StudentWithProjections(nn.Module):

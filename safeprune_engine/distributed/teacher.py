@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from torch import nn
 
 from ..memory import teacher_precision
@@ -31,10 +30,8 @@ def shard_teacher(unet: nn.Module, config, context):
     engine, _, _, _ = deepspeed.initialize(model=unet, config=teacher_config(config, context.world_size, precision))
     module = engine.module
     module.eval()
-    kept = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() if hasattr(p, "ds_tensor") else
-               p.numel() * p.element_size() for p in module.parameters())
     log.info("teacher sharded with ZeRO-3 over %d ranks (%s): %.1f MiB of parameters per rank (whole: %.1f MiB "
-             "at load)", context.world_size, precision, kept / 2**20, full_bytes / 2**20)
+             "at load)", context.world_size, precision, local_parameter_bytes(module) / 2**20, full_bytes / 2**20)
     return module, engine
 
 
@@ -45,17 +42,3 @@ def local_parameter_bytes(module: nn.Module) -> int:
         tensor = param.ds_tensor if hasattr(param, "ds_tensor") else param
         total += tensor.numel() * tensor.element_size()
     return total
-
-
-def is_sharded(module: nn.Module) -> bool:
-    return any(hasattr(p, "ds_tensor") for p in module.parameters())
-
-
-@torch.no_grad()
-def gathered_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Whole CPU copies of a ZeRO-3 module's parameters and buffers (collective)."""
-    import deepspeed
-
-    params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        return {name: t.detach().cpu().clone() for name, t in module.state_dict().items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 HALF_PRECISION = {"bf16": "bf16", "fp16": "fp16"}
 DEFAULT_PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's own default for stage3_param_persistence_threshold
+TEACHER_LIVE_ELEMENTS = 50_000_000  # gathered teacher weights alive at once (SD's largest layer: ~6.6M elements)
 
 
 def precision_block(precision: str) -> dict:
@@ -59,8 +60,13 @@ def teacher_config(config, world_size: int, teacher_precision: str) -> dict:
         "train_batch_size": config.batch_size,
         "train_micro_batch_size_per_gpu": config.batch_size // world_size,
         "gradient_accumulation_steps": 1,
+        # a frozen forward uses each weight once: release gathered weights right after use (reuse distance 0)
+        # and cap what is gathered at a time, else DeepSpeed's defaults (1e9 live elements) regather the whole
+        # teacher during each forward and the sharding saves nothing at the peak
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": threshold,
-                              "stage3_prefetch_bucket_size": 50_000_000, "overlap_comm": False},
+                              "stage3_prefetch_bucket_size": TEACHER_LIVE_ELEMENTS // 2,
+                              "stage3_max_live_parameters": TEACHER_LIVE_ELEMENTS, "stage3_max_reuse_distance": 0,
+                              "overlap_comm": False},
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
         **precision_block(teacher_precision),
