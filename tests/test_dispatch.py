@@ -180,3 +180,20 @@ def test_info_lists_every_op_backend_with_reasons(capsys):
     assert info.main([]) == 0
     text = capsys.readouterr().out
     assert "groupnorm_silu:" in text and "reference  available" in text and "torch" in text
+
+
+def test_auto_skip_reasons_keep_auto_away_but_forcing_still_runs():
+    """A backend that can run but is slower than the reference here: auto passes it over, forcing runs it."""
+    name = "test_dispatch_auto_skip"
+    slow_on_big = lambda x=None: [] if x is None or x.numel() < 10 else ["measured slower than the reference"]
+    register(name, Backend("reference", lambda x: x + x))
+    register(name, Backend("cpp", lambda x: x * 2, None, slow_on_big))
+    try:
+        small, big = torch.ones(3), torch.ones(30)
+        assert choose(name, small).name == "cpp"
+        assert choose(name, big).name == "reference"
+        assert choose(name, big, backend="cpp").name == "cpp"
+        assert choose(name, big, backend="cpp").auto_skip_reasons(big) == ["measured slower than the reference"]
+        assert available_backends(name, big) == {"cpp": [], "reference": []}  # it can run: not a hard reason
+    finally:
+        dispatch._REGISTRY.pop(name)

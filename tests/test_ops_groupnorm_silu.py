@@ -168,6 +168,27 @@ def test_auto_picks_cpp_on_cpu_when_built(monkeypatch):
     assert dispatch.choose(OP, x, 4, w, b).name == expected
 
 
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_auto_passes_over_a_cpu_copy_slower_than_torch(isa, monkeypatch):
+    """The generic copy is slower than torch's AVX-512 kernels (measured), the avx2/avx512 copies are faster: auto
+    picks the reference for the first only; backend="cpp" still runs every copy."""
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    x, w, b, dy = make_inputs((1, 8, 2, 2), torch.float32, "cpu", False)
+    backend_or_skip("cpp", x, 4, w, b)
+    monkeypatch.setenv("SAFEPRUNE_CPU_ISA", isa)
+    used, capability = native.cpu_isa(), torch.backends.cpu.get_cpu_capability()
+    if used != isa:
+        pytest.skip(f"this CPU has no {isa} (the kernels use {used})")
+    slower = used == "generic" and capability.startswith("AVX512")
+    cpp = dispatch.choose(OP, x, 4, w, b, backend="cpp")
+    reasons = cpp.auto_skip_reasons(x, 4, w, b)
+    assert bool(reasons) == slower
+    assert dispatch.choose(OP, x, 4, w, b).name == ("reference" if slower else "cpp")
+    if slower:
+        assert "generic copy" in reasons[0] and capability in reasons[0]
+    assert_all_close(run(x, 4, w, b, dy, "cpp"), run(x, 4, w, b, dy, "reference"), torch.float32, isa)
+
+
 def test_forced_cuda_on_cpu_raises_with_reasons():
     x, w, b, _ = make_inputs((1, 8, 2, 2), torch.float32, "cpu", False)
     with pytest.raises(SafepruneError, match="backend 'cuda' cannot run op 'groupnorm_silu'.*tensors on cpu"):

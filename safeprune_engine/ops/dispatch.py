@@ -8,8 +8,10 @@ not built, Triton not installed), which is what ``python -m safeprune_engine.inf
 :func:`choose` picks:
 
 * ``backend=None``: the environment variable ``SAFEPRUNE_KERNELS`` (``auto`` when unset).
-* ``"auto"``: the first backend in :data:`BACKEND_NAMES` order with no reasons; the reference always runs.
-  Auto never picks Triton for CPU tensors: the interpreter is a test tool, slower than the reference.
+* ``"auto"``: the first backend in :data:`BACKEND_NAMES` order with no reasons and no auto-skip reasons; the
+  reference always runs. Auto never picks Triton for CPU tensors: the interpreter is a test tool, slower than the
+  reference. A backend's auto-skip reasons (``auto_skip_reasons``) say why it runs but should not be chosen by
+  itself, e.g. a CPU kernel copy measured slower than torch's own kernels on this CPU; forcing it still runs it.
 * ``"off"`` / ``"reference"``: the reference.
 * ``"cuda"`` / ``"triton"`` / ``"cpp"``: that backend, or a :class:`SafepruneError` listing why it cannot run.
   A forced backend never falls back silently.
@@ -40,20 +42,27 @@ class Backend:
 
     Either subclass it (override ``not_supported_reasons`` and ``__call__``) or build it from functions:
     ``Backend("cpp", run_fn, reasons_fn)`` where ``reasons_fn(*args, **kwargs) -> list[str]`` takes the op's
-    arguments (and must accept none, then returning only input-independent reasons).
+    arguments (and must accept none, then returning only input-independent reasons). ``auto_reasons`` (same
+    signature) lists why auto should pass it over although it can run (slower than the reference here).
     """
 
     name: str = ""
 
     def __init__(self, name: str | None = None, fn: Callable | None = None,
-                 reasons: Callable[..., Iterable[str]] | None = None):
+                 reasons: Callable[..., Iterable[str]] | None = None,
+                 auto_reasons: Callable[..., Iterable[str]] | None = None):
         if name is not None:
             self.name = name
         self._fn = fn
         self._reasons = reasons
+        self._auto_reasons = auto_reasons
 
     def not_supported_reasons(self, *args, **kwargs) -> list[str]:
         return [] if self._reasons is None else list(self._reasons(*args, **kwargs))
+
+    def auto_skip_reasons(self, *args, **kwargs) -> list[str]:
+        """Why auto mode passes this backend over although it can run (empty: auto may pick it)."""
+        return [] if self._auto_reasons is None else list(self._auto_reasons(*args, **kwargs))
 
     def __call__(self, *args, **kwargs):
         if self._fn is None:
@@ -107,7 +116,8 @@ def choose(op_name: str, *args, backend: str | None = None, **kwargs) -> Backend
             candidate = backends.get(name)
             if candidate is None or (name == "triton" and interpreted_only):
                 continue
-            if name == "reference" or not candidate.not_supported_reasons(*args, **kwargs):
+            if name == "reference" or not (candidate.not_supported_reasons(*args, **kwargs)
+                                           or candidate.auto_skip_reasons(*args, **kwargs)):
                 return candidate
         return _reference(op_name, backends)
     candidate = backends.get(mode)

@@ -82,8 +82,8 @@ def kernel_layout(x: torch.Tensor) -> torch.Tensor:
 class GroupNormSiLUBackend(dispatch.Backend):
     """A backend with a forward and a backward function; calling it runs the forward."""
 
-    def __init__(self, name, forward, backward, reasons):
-        super().__init__(name, forward, reasons)
+    def __init__(self, name, forward, backward, reasons, auto_reasons=None):
+        super().__init__(name, forward, reasons, auto_reasons)
         self.forward = forward
         self.backward = backward
 
@@ -138,7 +138,7 @@ def _native_backward(dy, x, weight, bias, mean, rstd, num_groups):
 
 for _backend in (
     GroupNormSiLUBackend("reference", reference_forward, reference_backward, None),
-    GroupNormSiLUBackend("cpp", _native_forward, _native_backward, _cpp_reasons),
+    GroupNormSiLUBackend("cpp", _native_forward, _native_backward, _cpp_reasons, native.baseline_copy_reasons),
     GroupNormSiLUBackend("triton", _triton_forward, _triton_backward, _triton_reasons),
     GroupNormSiLUBackend("cuda", _native_forward, _native_backward, _cuda_reasons),
 ):
