@@ -179,6 +179,12 @@ class CppBackend(_KernelBackend):
     def static_reasons(self):
         return native.native_reasons(NATIVE_OPS, "CPU")
 
+    def auto_skip_reasons(self, *args, **kwargs):
+        # measured on AVX-512 (benchmarks/results/kernels-cpu.json): 0.65-1.3x of torch's oneDNN convolution of
+        # the same pruned shape, mostly below 1, with or without the fused prologue/epilogue
+        return ["the C++ convolution is slower than torch's oneDNN conv of the same pruned shape on CPU "
+                "(measured 0.65-1.3x, mostly < 1); force backend='cpp' to use it"]
+
     def forward(self, *args):
         return native.op("pruned_conv_forward")(*args)
 
