@@ -73,6 +73,7 @@ RUN_FLAGS = {
     "use_8bit_adam": (bool, "bitsandbytes AdamW8bit states for every solver optimizer"),
     "teacher_int8": (bool, "bitsandbytes int8 Linear layers in the teacher (the output error is reported)"),
     "teacher_dtype": (str, "fp32 | bf16 | fp16 (default: the --mixed-precision dtype)"),
+    "export_dtype": (str, "fp32 | bf16 | fp16: weights of the exported pipeline (default fp32)"),
 }
 
 

@@ -110,6 +110,7 @@ class RunConfig:
     use_8bit_adam: bool = False  # bitsandbytes AdamW8bit for every solver optimizer
     teacher_int8: bool = False  # bitsandbytes int8 Linear layers in the teacher UNet
     teacher_dtype: str | None = None  # "fp32" | "bf16" | "fp16"; None = the training dtype (--mixed-precision)
+    export_dtype: str = "fp32"  # dtype of the exported student pipeline's weights (fp32 masters, cast)
     version: int = CONFIG_VERSION
 
     # ---- (de)serialisation -------------------------------------------------------------------------
@@ -277,6 +278,9 @@ class RunConfig:
                                  f"got {self.zero_stage!r}")
         if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
             raise SafepruneError(f"unknown teacher dtype {self.teacher_dtype!r}; choose one of "
+                                 f"{', '.join(TEACHER_DTYPES)}")
+        if self.export_dtype not in TEACHER_DTYPES:
+            raise SafepruneError(f"unknown export dtype {self.export_dtype!r}; choose one of "
                                  f"{', '.join(TEACHER_DTYPES)}")
         if self.teacher_int8 and self.teacher_zero3:
             raise SafepruneError("--teacher-int8 and --teacher-zero3 exclude each other: ZeRO-3 partitions and "

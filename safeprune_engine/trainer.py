@@ -386,7 +386,10 @@ def train(config: RunConfig, teacher=None, student=None) -> TrainResult:
     student = session.final_student(student)  # ZeRO: the whole fp32 student, gathered from the partitions
     pipeline_dir = out / "pipeline"
     if session.is_main:
-        export_pipeline(teacher, student, pipeline_dir)
+        from .memory import DTYPES
+
+        export_pipeline(teacher, student, pipeline_dir,
+                        dtype=None if config.export_dtype == "fp32" else DTYPES[config.export_dtype])
         summary = {"steps": config.steps, "steps_run": steps_run, "seconds": elapsed, "prune": prune_report,
                    "final": history[-1] if history else {}, "history": history, **session.report()}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -353,6 +353,7 @@ def test_launch_commands():
     (dict(nproc=0, launcher="torchrun"), "--nproc must be"),
     (dict(zero_stage=4), "--zero-stage must be one of"),
     (dict(teacher_dtype="int4"), "unknown teacher dtype"),
+    (dict(export_dtype="fp8"), "unknown export dtype"),
     (dict(teacher_int8=True, teacher_zero3=True), "exclude each other"),
     (dict(nproc=3, launcher="torchrun", batch_size=4), "must split evenly"),
     (dict(nproc=2, launcher="torchrun", batch_size=4, concept_batch_size=3), "--concept-batch-size 3"),

@@ -77,3 +77,20 @@ def test_8bit_adam_solver_optimizers(tmp_path):
     from safeprune_engine.bilevel.solvers import make_adamw
 
     assert type(make_adamw([torch.nn.Parameter(torch.zeros(3))], 1e-3)) is torch.optim.AdamW
+
+
+def test_export_dtype_casts_the_fp32_student(tmp_path):
+    from safetensors.torch import load_file
+
+    from safeprune_engine.trainer import train
+
+    data = write_image_folder(tmp_path / "data", CAPTIONS, size=16)
+    config = RunConfig(teacher="tiny", data=str(data), out=str(tmp_path / "run"), method="distill-only", steps=1,
+                       batch_size=2, resolution=16, progress=False, export_dtype="bf16", channels_last=True)
+    result = train(config, teacher=bundle_from_pipeline(tiny_pipeline(seed=0)))
+    exported = load_file(result.pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    checkpoint = load_file(result.out_dir / "checkpoints" / "step-00000001" / "student" /
+                           "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in exported.values()} == {torch.bfloat16}
+    assert {t.dtype for t in checkpoint.values()} == {torch.float32}  # checkpoints keep the fp32 weights
+    assert all(torch.equal(exported[k], checkpoint[k].to(torch.bfloat16)) for k in exported)
