@@ -126,84 +126,85 @@ class ImageConceptSource:
         )
 
 
-class TrajectoryConceptSource:
+class _PromptPoolSource:
+    """Rows of a pool sampled per erase prompt: latents (P, C, h, w); row_prompt (P,) the prompt of each row;
+    concept_emb / anchor_emb (K, L, D) one embedding per prompt; prompt_concept (K,) the --erase concept of each
+    prompt (default: prompt k is concept k); preserve_emb (P', L, D) or None."""
+
+    def __init__(self, latents, row_prompt, concept_emb, anchor_emb, prompt_concept=None, preserve_emb=None):
+        self.latents, self.row_prompt = latents, row_prompt
+        self.concept_emb, self.anchor_emb = concept_emb, anchor_emb
+        self.prompt_concept = (torch.arange(concept_emb.shape[0], device=concept_emb.device) if prompt_concept is None
+                               else prompt_concept)
+        self.preserve_emb = preserve_emb
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def _embeddings_to(self, device) -> tuple:
+        """(concept_emb, anchor_emb, prompt_concept, preserve_emb) on ``device``, for ``to``."""
+        return (self.concept_emb.to(device), self.anchor_emb.to(device), self.prompt_concept.to(device),
+                None if self.preserve_emb is None else self.preserve_emb.to(device))
+
+    def _draw_rows(self, batch_size: int, generator, concept: int | None):
+        """(row indices, each row's prompt, its concept/anchor conditions) for one batch."""
+        row_concept = self.prompt_concept[self.row_prompt] if concept is not None else None
+        index = _draw(len(self), batch_size, generator, self.latents.device, row_concept, concept)
+        which = self.row_prompt[index]
+        return index, which, {"concept": self.concept_emb[which], "anchor": self.anchor_emb[which]}
+
+
+class TrajectoryConceptSource(_PromptPoolSource):
     """Concept batches drawn from a pool of the teacher's own partial sampling trajectories.
 
     latents: (P, C, h, w) z_t along trajectories; timesteps: (P,); concept_index: (P,) which prompt produced
-    each entry; concept_emb / anchor_emb: (K, L, D) one embedding per erase prompt; prompt_concept: (K,) the
-    --erase concept of each prompt (default: prompt k is concept k); preserve_emb: (P', L, D) or None.
+    each entry; the rest as in _PromptPoolSource.
     """
 
     def __init__(self, latents, timesteps, concept_index, concept_emb, anchor_emb, prompt_concept=None,
                  preserve_emb=None):
-        self.latents, self.timesteps, self.concept_index = latents, timesteps, concept_index
-        self.concept_emb, self.anchor_emb = concept_emb, anchor_emb
-        self.prompt_concept = (torch.arange(concept_emb.shape[0], device=concept_emb.device) if prompt_concept is None
-                               else prompt_concept)
-        self.preserve_emb = preserve_emb
-
-    def __len__(self) -> int:
-        return self.latents.shape[0]
+        super().__init__(latents, concept_index, concept_emb, anchor_emb, prompt_concept, preserve_emb)
+        self.timesteps, self.concept_index = timesteps, concept_index
 
     def to(self, device):
-        return type(self)(
-            self.latents.to(device), self.timesteps.to(device), self.concept_index.to(device),
-            self.concept_emb.to(device), self.anchor_emb.to(device), self.prompt_concept.to(device),
-            None if self.preserve_emb is None else self.preserve_emb.to(device),
-        )
+        concept_emb, anchor_emb, prompt_concept, preserve_emb = self._embeddings_to(device)
+        return type(self)(self.latents.to(device), self.timesteps.to(device), self.concept_index.to(device),
+                          concept_emb, anchor_emb, prompt_concept, preserve_emb)
 
     def sample(self, batch_size: int, generator: torch.Generator, concept: int | None = None) -> ConceptBatch:
-        device = self.latents.device
-        row_concept = self.prompt_concept[self.concept_index] if concept is not None else None
-        index = _draw(len(self), batch_size, generator, device, row_concept, concept)
-        which = self.concept_index[index]
-        conditions = {"concept": self.concept_emb[which], "anchor": self.anchor_emb[which]}
-        return ConceptBatch(
-            latents=self.latents[index],
-            timesteps=self.timesteps[index],
-            conditions=_with_preserve(conditions, self.preserve_emb, batch_size, generator),
-            concept=self.prompt_concept[which],
-        )
+        index, which, conditions = self._draw_rows(batch_size, generator, concept)
+        conditions = _with_preserve(conditions, self.preserve_emb, batch_size, generator)
+        return ConceptBatch(latents=self.latents[index], timesteps=self.timesteps[index], conditions=conditions,
+                            concept=self.prompt_concept[which])
 
 
-class AnchorImageSource:
+class AnchorImageSource(_PromptPoolSource):
     """Concept Ablation's training rows without user images: clean latents the teacher generated from each
     prompt's anchor text, noised at a random t per draw (so the noise and the diffusion target are known) and
     conditioned on the concept prompt.
 
-    latents: (P, C, h, w) clean z0; prompt_index: (P,) the erase prompt each image belongs to; concept_emb /
-    anchor_emb: (K, L, D); prompt_concept: (K,); preserve_emb: (P', L, D) or None.
+    latents: (P, C, h, w) clean z0; prompt_index: (P,) the erase prompt each image belongs to; the rest as in
+    _PromptPoolSource.
     """
 
     def __init__(self, latents, prompt_index, concept_emb, anchor_emb, noise_scheduler, prediction_type="epsilon",
                  prompt_concept=None, preserve_emb=None):
-        self.latents, self.prompt_index = latents, prompt_index
-        self.concept_emb, self.anchor_emb = concept_emb, anchor_emb
+        super().__init__(latents, prompt_index, concept_emb, anchor_emb, prompt_concept, preserve_emb)
+        self.prompt_index = prompt_index
         self.scheduler, self.prediction_type = noise_scheduler, prediction_type
-        self.prompt_concept = (torch.arange(concept_emb.shape[0], device=concept_emb.device) if prompt_concept is None
-                               else prompt_concept)
-        self.preserve_emb = preserve_emb
-
-    def __len__(self) -> int:
-        return self.latents.shape[0]
 
     def to(self, device):
-        return type(self)(
-            self.latents.to(device), self.prompt_index.to(device), self.concept_emb.to(device),
-            self.anchor_emb.to(device), self.scheduler, self.prediction_type, self.prompt_concept.to(device),
-            None if self.preserve_emb is None else self.preserve_emb.to(device),
-        )
+        concept_emb, anchor_emb, prompt_concept, preserve_emb = self._embeddings_to(device)
+        return type(self)(self.latents.to(device), self.prompt_index.to(device), concept_emb, anchor_emb,
+                          self.scheduler, self.prediction_type, prompt_concept, preserve_emb)
 
     def sample(self, batch_size: int, generator: torch.Generator, concept: int | None = None) -> ConceptBatch:
         device = self.latents.device
-        row_concept = self.prompt_concept[self.prompt_index] if concept is not None else None
-        index = _draw(len(self), batch_size, generator, device, row_concept, concept)
+        index, which, conditions = self._draw_rows(batch_size, generator, concept)
         z0 = self.latents[index]
         noise = torch.randn(z0.shape, generator=generator, device=device, dtype=z0.dtype)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch_size,), generator=generator,
                           device=device)
-        which = self.prompt_index[index]
-        conditions = {"concept": self.concept_emb[which], "anchor": self.anchor_emb[which]}
         return ConceptBatch(
             latents=_noised(self.scheduler, z0, noise, t),
             timesteps=t,
