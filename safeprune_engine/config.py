@@ -68,7 +68,7 @@ class RunConfig:
     device: str | None = None  # None = cuda when available
     # fused Triton/CUDA/C++ ops in student and teacher UNets (safeprune_engine.patching.patch_unet); "auto" picks
     # per call. Not an identity field: it changes speed, not what is computed (outputs agree within dtype
-    # tolerance), so a run may resume with other kernels. train() leaves the returned UNets patched.
+    # tolerance), so a run may resume with other kernels. train() unpatches the UNets before returning them.
     kernels: str = "off"
 
     w_diff: float = 1.0

@@ -202,15 +202,18 @@ def build_engine(config: RunConfig, teacher, student, data_folder, cache_dir: Pa
     apply_teacher_options(teacher_unet, config)
     if config.teacher_int8:
         write_int8_report(config.out, quantize_teacher_int8(teacher_unet, latent_size, text_shape, seed=config.seed))
+    patches = []  # (unet, PatchRecord): train() undoes them before it hands the models back
     if config.kernels != "off":  # fused ops in both UNets, in place; state dicts and outputs stay the same
         from .patching import patch_unet
 
         for unet in (student, teacher_unet):
-            log.info("%s UNet %s", "student" if unet is student else "teacher",
-                     patch_unet(unet, backend=config.kernels).summary())
-    return TrainingEngine(student, teacher_unet, teacher.noise_scheduler(), teacher.prediction_type, data_cache,
-                          config, concept_source=concept_source, objective=objective, projections=projections,
-                          device=device, prompts=prompts, feature_pairs=feature_pairs)
+            patches.append((unet, patch_unet(unet, backend=config.kernels)))
+            log.info("%s UNet %s", "student" if unet is student else "teacher", patches[-1][1].summary())
+    engine = TrainingEngine(student, teacher_unet, teacher.noise_scheduler(), teacher.prediction_type, data_cache,
+                            config, concept_source=concept_source, objective=objective, projections=projections,
+                            device=device, prompts=prompts, feature_pairs=feature_pairs)
+    engine.kernel_patches = patches
+    return engine
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
@@ -394,5 +397,10 @@ def train(config: RunConfig, teacher=None, student=None) -> TrainResult:
                    "final": history[-1] if history else {}, "history": history, **session.report()}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     session.barrier()
+    if getattr(engine, "kernel_patches", None):
+        from .patching import unpatch_unet
+
+        for unet, record in engine.kernel_patches:  # the caller gets plain diffusers modules back
+            unpatch_unet(unet, record)
     return TrainResult(out_dir=out, pipeline_dir=pipeline_dir, student=student, teacher=teacher,
                        prune_report=prune_report, history=history, steps_run=steps_run)

@@ -238,6 +238,23 @@ def test_training_run_with_cpp_kernels_matches_kernels_off(tmp_path):
             assert row_fused[key] == pytest.approx(row_off[key], rel=1e-3, abs=1e-6), (row_off["step"], key)
 
 
+def test_train_hands_back_unpatched_models(tmp_path):
+    """--kernels patches the UNets for training only: train() returns plain diffusers modules."""
+    skip_unless("cpp", "pruned_conv", "groupnorm_silu")
+    from safeprune_engine.config import RunConfig
+    from safeprune_engine.patching import _MARK
+    from safeprune_engine.testing import save_tiny_pipeline, write_image_folder
+    from safeprune_engine.trainer import train
+
+    teacher = save_tiny_pipeline(tmp_path / "teacher", seed=0)
+    data = write_image_folder(tmp_path / "data", ["a red square", "a blue square"] * 2, size=16)
+    result = train(RunConfig(teacher=str(teacher), data=str(data), out=str(tmp_path / "run"), method="distill-only",
+                             steps=1, batch_size=2, resolution=16, progress=False, kernels="cpp"))
+    for unet in (result.student, result.teacher.unet):
+        assert not hasattr(unet, _MARK)
+        assert not any(type(m).__name__ == "PrunedConv2d" for m in unet.modules())
+
+
 def test_kernels_setting_is_validated_and_not_an_identity_field():
     from safeprune_engine.config import IDENTITY_FIELDS, RunConfig
 
