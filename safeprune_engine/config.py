@@ -111,6 +111,7 @@ class RunConfig:
     teacher_int8: bool = False  # bitsandbytes int8 Linear layers in the teacher UNet
     teacher_dtype: str | None = None  # "fp32" | "bf16" | "fp16"; None = the training dtype (--mixed-precision)
     export_dtype: str = "fp32"  # dtype of the exported student pipeline's weights (fp32 masters, cast)
+    export_remote_code: bool = False  # also write the pruned UNet class into the exported unet folder (loads with trust_remote_code, no safeprune-engine needed)
     version: int = CONFIG_VERSION
 
     # ---- (de)serialisation -------------------------------------------------------------------------

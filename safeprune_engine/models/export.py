@@ -1,16 +1,40 @@
 """Export a trained student as a complete StableDiffusionPipeline directory, and load it back.
 
-The exported model_index.json names the UNet class ("safeprune_engine", "PrunedUNet2DConditionModel"), so
-with safeprune-engine installed the plain diffusers call loads it:
+A width-pruned student is a PrunedUNet2DConditionModel, which diffusers does not know. Two ways to load it:
 
-    StableDiffusionPipeline.from_pretrained(path)        # or safeprune_engine.load_pipeline(path)
+- With safeprune-engine installed, the exported model_index.json names the unet ("safeprune_engine",
+  "PrunedUNet2DConditionModel"). diffusers imports only its own libraries by name and looks any other one up in
+  sys.modules, so the package must be imported first::
+
+      import safeprune_engine                              # or: pipe = safeprune_engine.load_pipeline(path)
+      pipe = StableDiffusionPipeline.from_pretrained(path)
+
+- Exported with ``remote_code=True``, the unet folder also carries the class as a diffusers custom component
+  (``unet/safeprune_pruned_unet.py``, a verbatim copy of models/pruned_unet.py), and the pipeline loads on machines
+  without safeprune-engine::
+
+      pipe = DiffusionPipeline.from_pretrained(path, trust_remote_code=True)
+
+  diffusers then always prefers the shipped file (trust_remote_code=True is needed even where safeprune-engine is
+  installed); ``safeprune_engine.load_pipeline(path)`` loads it with the installed package's class instead.
+
+A block-removal student (e.g. BK-SDM) is a plain UNet2DConditionModel: plain ``from_pretrained`` loads it, and
+``remote_code`` leaves it as it is.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
+
+from ..errors import SafepruneError
+
+# the shipped file's name (without .py) in the unet folder; model_index.json names it as the unet's library
+REMOTE_CODE_MODULE = "safeprune_pruned_unet"
+PRUNED_CLASS = "PrunedUNet2DConditionModel"
 
 
 def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
@@ -22,12 +46,17 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
                                    requires_safety_checker=False)
 
 
-def export_pipeline(teacher, student, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+def export_pipeline(teacher, student, out_dir: str | os.PathLike, dtype: torch.dtype | None = None, *,
+                    remote_code: bool = False) -> Path:
     """Write teacher's VAE, text encoder, tokenizer and scheduler with `student` as the UNet (safetensors).
 
     teacher: a TeacherBundle; student: a (pruned) UNet2DConditionModel. dtype: cast weights before saving.
+    remote_code: a PrunedUNet2DConditionModel student also ships its class in the unet folder (see
+    ``ship_unet_code``); a plain UNet2DConditionModel student (block removal) is written as it is.
     """
     import copy
+
+    from .pruned_unet import PrunedUNet2DConditionModel
 
     unet = copy.deepcopy(student).cpu()
     if dtype is not None:
@@ -35,15 +64,69 @@ def export_pipeline(teacher, student, out_dir: str | os.PathLike, dtype: torch.d
     pipe = assemble_pipeline(teacher.vae, teacher.text_encoder, teacher.tokenizer, unet, teacher.scheduler)
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    if remote_code and isinstance(unet, PrunedUNet2DConditionModel):
+        ship_unet_code(out_dir)
     return out_dir
 
 
+def ship_unet_code(pipeline_dir: str | os.PathLike) -> Path:
+    """Make a saved pipeline with a PrunedUNet2DConditionModel unet loadable without safeprune-engine.
+
+    Copies models/pruned_unet.py (torch and diffusers only) verbatim to ``unet/safeprune_pruned_unet.py`` and
+    names it as the unet's library in model_index.json: diffusers resolves a ``[module, class]`` entry to
+    ``<component folder>/<module>.py`` when that file exists, and runs it only with ``trust_remote_code=True``.
+    unet/config.json stays as saved (no ``auto_map``: diffusers warns about that key on every load). Returns the
+    written file. Raises SafepruneError when the pipeline's unet is not a PrunedUNet2DConditionModel.
+    """
+    from . import pruned_unet
+
+    pipeline_dir = Path(pipeline_dir)
+    index_path, config_path = pipeline_dir / "model_index.json", pipeline_dir / "unet" / "config.json"
+    if not index_path.is_file() or not config_path.is_file():
+        raise SafepruneError(f"{pipeline_dir} is not a saved pipeline with a unet folder")
+    index, config = json.loads(index_path.read_text()), json.loads(config_path.read_text())
+    if config.get("_class_name") != PRUNED_CLASS:
+        raise SafepruneError(f"{config_path} is a {config.get('_class_name')}, not a {PRUNED_CLASS}: only "
+                             "width-pruned students need their class shipped")
+    source = Path(pruned_unet.__file__)
+    if source.suffix != ".py":
+        raise SafepruneError(f"cannot ship the pruned UNet class: its source {source} is not a .py file")
+    target = pipeline_dir / "unet" / f"{REMOTE_CODE_MODULE}.py"
+    shutil.copyfile(source, target)
+    index["unet"] = [REMOTE_CODE_MODULE, PRUNED_CLASS]
+    # the layout diffusers itself writes (ConfigMixin.to_json_string)
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return target
+
+
+def ships_unet_code(path: str | os.PathLike) -> bool:
+    """Whether the pipeline directory at `path` carries the pruned UNet class as remote code (ship_unet_code)."""
+    index_path = Path(path) / "model_index.json"
+    return index_path.is_file() and json.loads(index_path.read_text()).get("unet", [None])[0] == REMOTE_CODE_MODULE
+
+
 def load_pipeline(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Load an exported (or any local) StableDiffusionPipeline directory without touching the network."""
+    """Load an exported (or any local) StableDiffusionPipeline directory without touching the network.
+
+    A pipeline exported with ``remote_code=True`` is loaded with the installed package's
+    PrunedUNet2DConditionModel, not the copy it ships (no code from the directory runs).
+    """
     from diffusers import StableDiffusionPipeline
 
     kwargs = {"local_files_only": True}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
+    if not ships_unet_code(path):
+        return StableDiffusionPipeline.from_pretrained(str(path), **kwargs).to(device)
+
+    from .pruned_unet import load_student_unet
+
+    # diffusers would resolve the shipped module (and refuse without trust_remote_code), also for a passed-in unet:
+    # load the rest without a unet, then build the pipeline around the package's own class
+    rest = StableDiffusionPipeline.from_pretrained(str(path), unet=None, **kwargs)
+    unet = load_student_unet(Path(path) / "unet")
+    if dtype is not None:
+        unet = unet.to(dtype)
+    pipe = StableDiffusionPipeline(**{**rest.components, "unet": unet},
+                                   requires_safety_checker=rest.config.requires_safety_checker)
     return pipe.to(device)

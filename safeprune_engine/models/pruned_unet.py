@@ -21,9 +21,14 @@ no pickled modules, no torch-pruning at load time.
 - feedforward: a ``FeedForward``'s inner width ``n``: ``net[2]`` has ``n`` input columns, ``net[0].proj`` has
   ``2n`` output rows for gated activations (GEGLU/SwiGLU: ``[hidden, gate]`` halves) and ``n`` otherwise.
 Layers not listed keep their dense size. Block outputs are never listed: they keep the dense width.
+
+This file is self-contained (torch and diffusers only): ``export_pipeline(..., remote_code=True)`` copies it
+verbatim into an exported pipeline's ``unet`` folder, where diffusers loads it with ``trust_remote_code=True`` on
+machines without safeprune-engine.
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Any, Mapping
 
@@ -40,7 +45,23 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
-from ..errors import SafepruneError
+
+def _error_type() -> type[ValueError]:
+    """safeprune-engine's SafepruneError when the package is importable, else a local ValueError subclass.
+
+    Looked up by name, not by an import statement, so that the copy shipped as remote code depends on torch and
+    diffusers only: diffusers scans a remote file's import statements and tells users to install what they name.
+    """
+    try:
+        return importlib.import_module("safeprune_engine.errors").SafepruneError
+    except ImportError:  # the remote-code copy, on a machine without safeprune-engine
+        class SafepruneError(ValueError):
+            """Bad pruned_widths (safeprune-engine's error type, where that package is installed)."""
+
+        return SafepruneError
+
+
+SafepruneError = _error_type()
 
 WIDTH_SECTIONS = ("resnets", "attention", "feedforward")
 _SECTION_KEYS = {"resnets": ("conv1_out", "norm2_groups"), "attention": ("heads",), "feedforward": ("inner",)}
@@ -231,8 +252,6 @@ def _with_unet_signature(init):
     return init
 
 
-
-
 class PrunedUNet2DConditionModel(UNet2DConditionModel):
     """UNet2DConditionModel with pruned internal widths recorded in ``config.pruned_widths``.
 
@@ -295,7 +314,9 @@ class PrunedUNet2DConditionModel(UNet2DConditionModel):
 # Public home of the class (as numpy does for its functions). diffusers' save_pretrained records a component's
 # library from __module__; the package name, unlike this submodule's, resolves in any process that has run
 # `import safeprune_engine` (diffusers only looks libraries up in sys.modules, and this submodule loads lazily).
-PrunedUNet2DConditionModel.__module__ = "safeprune_engine"
+# A remote-code copy keeps its own module name: that is where its class lives.
+if __name__ == "safeprune_engine.models.pruned_unet":
+    PrunedUNet2DConditionModel.__module__ = "safeprune_engine"
 
 
 def load_student_unet(path) -> UNet2DConditionModel:
