@@ -235,3 +235,22 @@ def test_remote_code_export_loads_without_the_package(exports, width_student, tm
                     generator=torch.Generator().manual_seed(0)).images
     assert out["images"].shape == (1, 3, 16, 16)
     torch.testing.assert_close(out["images"], expected, atol=ROUNDTRIP_ATOL, rtol=0)
+
+
+def test_safeprune_prune_export_remote_code_flag(tmp_path, capsys):
+    """`safeprune prune --export-remote-code` writes the remote-code export; without the flag the unet folder
+    holds no code and model_index names the package's class."""
+    from safeprune_engine.cli import main
+    from safeprune_engine.testing import save_tiny_pipeline
+
+    teacher_dir = save_tiny_pipeline(tmp_path / "teacher", seed=0)
+    plain, remote = tmp_path / "plain", tmp_path / "remote"
+    common = ["prune", "--teacher", str(teacher_dir), "--prune-ratio", "0.5", "--latency-repeats", "1"]
+    assert main(common + ["--out", str(plain)]) == 0
+    assert main(common + ["--out", str(remote), "--export-remote-code"]) == 0
+    capsys.readouterr()
+    assert not list((plain / "unet").glob("*.py"))
+    assert json.loads((plain / "model_index.json").read_text())["unet"][0] == "safeprune_engine"
+    shipped = remote / "unet" / f"{REMOTE_CODE_MODULE}.py"
+    assert shipped.read_bytes() == Path(pruned_unet.__file__).read_bytes()
+    assert json.loads((remote / "model_index.json").read_text())["unet"][0] == REMOTE_CODE_MODULE

@@ -30,6 +30,10 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--plugins", action="append", default=None, help="module that registers a plug-in (repeatable)")
     p.add_argument("--out", required=True, help="output pipeline directory (must not hold anything yet)")
+    p.add_argument("--export-remote-code", action="store_true",
+                   help="also write the pruned UNet class into the unet folder, so the pipeline loads with "
+                        "DiffusionPipeline.from_pretrained(path, trust_remote_code=True) where safeprune-engine is "
+                        "not installed (width-pruned students; block-removal ones are plain diffusers models)")
     p.set_defaults(handler=command_prune)
 
 
@@ -85,7 +89,7 @@ def command_prune(args) -> int:
                                  sample_size=sample_size, calibration=calibration)
     latency_before = measure_latency(teacher.unet, sample_size, repeats=args.latency_repeats, seed=args.seed)
     latency_after = measure_latency(student, sample_size, repeats=args.latency_repeats, seed=args.seed)
-    out = export_pipeline(teacher, student, args.out)
+    out = export_pipeline(teacher, student, args.out, remote_code=args.export_remote_code)
     summary = {**report.to_dict(), "latency_s_before": latency_before, "latency_s_after": latency_after,
                "latency_device": str(device)}
     (out / "prune_report.json").write_text(json.dumps(summary, indent=2))
