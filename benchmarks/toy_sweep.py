@@ -57,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from safeprune_engine.eval.prompts import toy_prompts
+    from safeprune_engine.toy.prompts import toy_prompts
     from safeprune_engine.eval.runner import evaluate
     from safeprune_engine.models.teacher import load_teacher
     from safeprune_engine.prune.base import prune_unet

@@ -1,7 +1,7 @@
 """Offline building blocks for tests and examples: a tiny Stable-Diffusion-shaped pipeline from configs.
 
-Nothing here downloads anything. The tokenizer is a byte-level CLIP tokenizer (every byte is a token, no
-merges), which keeps the real CLIPTokenizer code path without shipping a 49k-entry vocabulary.
+Nothing here downloads anything. The tokenizer is the byte-level CLIP tokenizer of
+safeprune_engine.models.tokenizers (every byte is a token, no merges).
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from .models.tokenizers import byte_clip_tokenizer, clip_text_config
 
 # per-dtype (atol, rtol) for comparing a computation with its fp32 reference
 TOLERANCES = {
@@ -20,46 +22,9 @@ TOLERANCES = {
 }
 
 
-def _byte_unicode_table() -> list[str]:
-    """The 256 printable stand-ins for raw bytes that byte-level BPE tokenizers use (GPT-2/CLIP scheme)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1)
-    )
-    chars, extra = [], 0
-    for b in range(256):
-        if b in printable:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
 def tiny_tokenizer(model_max_length: int = 32):
-    """A real transformers.CLIPTokenizer over a byte-level vocabulary (514 tokens)."""
-    from transformers import CLIPTokenizer
-
-    chars = _byte_unicode_table()
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
-    tokenizer.model_max_length = model_max_length
-    return tokenizer
-
-
-def clip_text_config(tokenizer, hidden_size: int, layers: int = 2, heads: int = 4) -> dict:
-    """CLIPTextConfig arguments of a small text encoder matched to ``tokenizer`` (vocab, length, special ids)."""
-    return dict(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    """The byte-level CLIPTokenizer of the built-in models (safeprune_engine.models.tokenizers), 514 tokens."""
+    return byte_clip_tokenizer(model_max_length)
 
 
 def tiny_unet_config(prediction_sample_size: int = 8, cross_attention_dim: int = 32) -> dict:

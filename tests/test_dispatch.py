@@ -197,3 +197,16 @@ def test_auto_skip_reasons_keep_auto_away_but_forcing_still_runs():
         assert available_backends(name, big) == {"cpp": [], "reference": []}  # it can run: not a hard reason
     finally:
         dispatch._REGISTRY.pop(name)
+
+
+def test_cuda_inputs_are_dispatched_by_their_device_without_a_gpu(scale_op):
+    """Dispatch reads only declared capabilities (device, dtype, shape), so inputs on a CUDA device can be
+    described by fake tensors on any machine (the op tests use this to check their CUDA choices here)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(3, device="cuda")
+    assert choose(scale_op, x).name == "cuda"
+    assert available_backends(scale_op, x)["cpp"] == ["tensors on cuda, needs cpu"]
+    with pytest.raises(SafepruneError, match="tensors on cuda, needs cpu"):
+        choose(scale_op, x, backend="cpp")

@@ -10,7 +10,8 @@ import torch
 from safeprune_engine.cli import main
 from safeprune_engine.errors import SafepruneError
 from safeprune_engine.eval import metrics as M
-from safeprune_engine.eval.prompts import PromptSpec, load_prompts, toy_labels, toy_prompt_file, toy_prompts
+from safeprune_engine.eval.prompts import PromptSpec, load_prompts
+from safeprune_engine.toy.prompts import toy_labels, toy_prompt_file, toy_prompts
 from safeprune_engine.toy.world import ERASED_STYLE, NEIGHBOUR_STYLE, Item, render_batch
 
 
@@ -213,6 +214,71 @@ def test_cli_eval_on_a_tiny_pipeline_writes_json(tiny_pipeline_dir, tmp_path, ca
     assert 0 <= data["model"]["metrics"]["erased_rate"] <= 1
 
 
+# ------------------------------------------------------------------------------------------------ toy plug-ins
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _python(code: str, *pythonpath, timeout=300):
+    import os
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, (*pythonpath, REPO))))
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_pyproject_entry_points_find_the_toy_plugins_in_a_fresh_process(tmp_path):
+    """Evaluation never imports the toy world: a process that imports only eval finds the toy judge and prompt set
+    through the entry points pyproject.toml declares (installed here as a throwaway dist-info, as `pip install`
+    would write them), and loading them is what imports the toy world."""
+    tomllib = pytest.importorskip("tomllib")
+    groups = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]
+    assert set(groups) >= {"safeprune_engine.judges", "safeprune_engine.prompt_sets"}
+    dist = tmp_path / "site" / "safeprune_probe-0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: safeprune-probe\nVersion: 0\n")
+    (dist / "entry_points.txt").write_text("".join(
+        f"[{group}]\n" + "".join(f"{name} = {target}\n" for name, target in points.items()) + "\n"
+        for group, points in groups.items()))
+    code = """
+import sys
+from safeprune_engine.eval.judges import resolve_judge
+from safeprune_engine.eval.prompts import resolve_prompts
+from safeprune_engine.eval.runner import evaluate
+assert "safeprune_engine.toy" not in sys.modules, "importing eval imported the toy world"
+judge = resolve_judge("toy")
+prompts = resolve_prompts(None)
+print(type(judge).__name__, len(prompts), sorted({p.set for p in prompts}), "safeprune_engine.toy" in sys.modules)
+"""
+    result = _python(code, dist.parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == "ToyJudge 44 ['erased', 'neighbour', 'unrelated'] True"
+
+
+def test_cli_eval_finds_the_toy_judge_and_prompts_without_entry_points(tiny_pipeline_dir, tmp_path):
+    """Before a reinstall the dist metadata has no entry points: `safeprune eval` still finds the toy judge and the
+    toy prompt set, because the CLI imports the toy world (which registers them), in a fresh process."""
+    out = tmp_path / "eval.json"
+    args = ["eval", "--model", str(tiny_pipeline_dir), "--samples-per-prompt", "1", "--steps", "1", "--batch-size",
+            "64", "--device", "cpu", "--threads", "1", "--out", str(out)]
+    code = f"""
+import sys
+import importlib.metadata as metadata
+found = metadata.entry_points
+metadata.entry_points = lambda **kw: (metadata.EntryPoints(()) if kw.get("group", "").startswith("safeprune_engine")
+                                      else found(**kw))
+from safeprune_engine.cli import main
+sys.exit(main({args!r}))
+"""
+    result = _python(code)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["settings"]["judge"] == "toy" and data["settings"]["prompts"] == 44
+    assert data["settings"]["real_per_prompt"] == 8  # the toy set rendered real images for the Frechet distance
+    assert data["model"]["metrics"]["fd"] is not None
+
+
 # ------------------------------------------------------------------------------------------------ bad inputs
 
 
@@ -236,6 +302,7 @@ def test_cli_eval_bad_inputs_give_one_clear_error(tmp_path, fake_model, capsys):
         (["--model", tmp_path, "--prompts", prompts], "is not a pipeline directory"),
         (["--model", fake_model, "--reference", tmp_path / "nope"], "--reference .*does not exist"),
         (["--model", fake_model, "--prompts", tmp_path / "missing.json"], "prompts file .*missing.json does not exist"),
+        (["--model", fake_model, "--prompts", "bogus"], "prompts file bogus does not exist .*prompt set: .*toy"),
         (["--model", fake_model, "--judge", "bogus"], "unknown judge 'bogus'"),
         (["--model", fake_model, "--judge", "clip:" + str(tmp_path / "no-clip")], "clip weights are not present"),
         (["--model", fake_model, "--judge", "csd:" + str(tmp_path)], "csd weights are not present"),

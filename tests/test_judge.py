@@ -1,5 +1,6 @@
 """The toy world renders deterministically; the shipped judge reads it (> 98% per head); `toy build-judge`."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -7,7 +8,6 @@ import torch
 
 from safeprune_engine.errors import SafepruneError
 from safeprune_engine.toy.world import STYLES, Item, render, render_batch, sample_items
-
 
 
 @pytest.fixture(scope="module")
@@ -29,23 +29,41 @@ def test_world_rendering_is_deterministic_per_seed():
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8
 
 
-def test_shipped_judge_reads_a_fresh_seed_above_the_bar(judge):
-    from safeprune_engine.toy.judge import ACCURACY_BAR, heldout_accuracy
+def lowest_consistent_accuracy(recorded: float, recorded_count: int, count: int) -> float:
+    """The lowest accuracy on ``count`` fresh items that is consistent with ``recorded`` on ``recorded_count``.
 
-    fresh = 20261128  # never used for training (seed 0) nor for the recorded held-out score
-    accuracy = heldout_accuracy(judge, seed=fresh, count=600)
-    assert all(acc > ACCURACY_BAR for acc in accuracy.values()), accuracy
-    # and it still reads blurred, noisy renderings (what generated images look like)
-    degraded = heldout_accuracy(judge, seed=fresh, count=300, augmented=True)
-    assert all(acc > 0.95 for acc in degraded.values()), degraded
+    Both are binomial estimates of the same accuracy p, so their difference has standard error
+    sqrt(p (1 - p) (1 / recorded_count + 1 / count)); allow three of them. A perfect record is read as
+    p = 1 - 1 / recorded_count (one error short of being seen), else a perfect score would allow no error at all.
+    """
+    p = min(recorded, 1 - 1 / recorded_count)
+    return p - 3 * math.sqrt(p * (1 - p) * (1 / recorded_count + 1 / count))
 
 
-def test_shipped_judge_assets_are_small_safetensors_with_a_recorded_score():
+def test_shipped_judge_measures_what_its_asset_records(judge):
+    """Recompute the score the shipped judge.json records: held-out accuracy per head, on clean renderings and on
+    blurred/noisy ones, measured here on items from a seed used neither for training nor for the record."""
+    from safeprune_engine.toy.judge import ACCURACY_BAR, ASSETS_DIR, heldout_accuracy
+
+    training = json.loads((ASSETS_DIR / "judge.json").read_text())["training"]
+    fresh, count = 7_000_001, 1000
+    assert fresh not in (training["seed"], training["eval_seed"])
+    recorded = {"clean": training["accuracy"], "augmented": training["augmented_accuracy"]}
+    measured = {"clean": heldout_accuracy(judge, seed=fresh, count=count),
+                "augmented": heldout_accuracy(judge, seed=fresh, count=count, augmented=True)}
+    for kind in recorded:
+        assert set(measured[kind]) == set(recorded[kind]) == {"shape", "colour", "style"}
+        for head, accuracy in measured[kind].items():
+            # the record claims > 98% (train_judge's bar); the fresh measurement must back the claim
+            bar = max(ACCURACY_BAR, lowest_consistent_accuracy(recorded[kind][head], training["eval_count"], count))
+            assert accuracy >= bar, (kind, head, accuracy, bar, recorded[kind])
+
+
+def test_shipped_judge_assets_are_small_safetensors():
     from safeprune_engine.toy.judge import ASSETS_DIR
 
     config = json.loads((ASSETS_DIR / "judge.json").read_text())
     assert set(config["labels"]) == {"shape", "colour", "style"} and tuple(config["labels"]["style"]) == STYLES
-    assert all(acc > 0.98 for acc in config["training"]["accuracy"].values())
     assert (ASSETS_DIR / "model.safetensors").stat().st_size < 1_000_000
     assert not list(ASSETS_DIR.glob("*.pt")) and not list(ASSETS_DIR.glob("*.bin"))
 

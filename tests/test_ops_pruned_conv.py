@@ -405,14 +405,42 @@ def test_prologue_equals_groupnorm_silu_then_conv():
 
 
 # ----------------------------------------------------------------------------------------------- dispatch
-def test_dispatch_choices_for_this_op(monkeypatch):
+def _on_cuda(*shapes, dtype=torch.float32):
+    """Inputs on a CUDA device as the dispatcher sees them (device, dtype, shape), without a GPU: fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return [torch.empty(shape, dtype=dtype, device="cuda") for shape in shapes]
+
+
+def test_auto_dispatch_picks_the_cuda_conv_for_cuda_inputs_and_skips_cpp_only_on_cpu(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    backends = dispatch._backends(OP)
+    assert list(dispatch.available_backends(OP)) == ["cuda", "triton", "cpp", "reference"]
+    cuda, cpp = backends["cuda"], backends["cpp"]
+
+    # CUDA inputs: the CPU measurement (cpp slower than oneDNN) says nothing about them
+    xc, wc = _on_cuda((1, 4, 5, 5), (4, 4, 3, 3))
+    assert xc.device.type == "cuda"
+    assert cuda.auto_skip_reasons(xc, wc) == [] and cpp.auto_skip_reasons(xc, wc) == []
+    # the only thing that can keep auto from the CUDA conv is what holds for any input: library not built,
+    # CPU-only torch, no device
+    assert cuda.not_supported_reasons(xc, wc) == cuda.static_reasons()
+    if cuda.static_reasons():  # not built here: declare it built, the inputs decide the rest
+        monkeypatch.setattr(type(cuda), "static_reasons", lambda self: [])
+    assert dispatch.choose(OP, xc, wc).name == "cuda"
+    assert dispatch.choose(OP, xc, wc, backend="auto").name == "cuda"
+    assert any("tensors on cuda, needs cpu" in r for r in dispatch.available_backends(OP, xc, wc)["cpp"])
+    monkeypatch.undo()
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+
+    # CPU inputs: auto passes the C++ conv over with its measured reason, forcing it still runs it
     x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)
     table = dispatch.available_backends(OP, x, w)
-    assert list(table) == ["cuda", "triton", "cpp", "reference"]
     assert any("cuda" in r for r in table["cuda"])
-    # auto passes the C++ conv over on CPU (slower than oneDNN, measured) but forcing it runs it
+    skip = cpp.auto_skip_reasons(x, w)
+    assert len(skip) == 1 and "slower than torch's oneDNN conv" in skip[0] and "measured" in skip[0]
     assert dispatch.choose(OP, x, w).name == "reference"
-    assert any("oneDNN" in r for r in dispatch._backends(OP)["cpp"].auto_skip_reasons(x, w))
     if not table["cpp"]:
         assert dispatch.choose(OP, x, w, backend="cpp").name == "cpp"
     assert dispatch.choose(OP, x, w, backend="off").name == "reference"

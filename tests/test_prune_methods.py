@@ -47,14 +47,90 @@ def test_registry_lists_every_builtin_method():
         PRUNE_METHODS.get("random")
 
 
+def _norms(rows: torch.Tensor, importance: str) -> list[float]:
+    """Per output row (filter), the L2 or L1 norm of everything that produces it, in float64."""
+    flat = rows.detach().double().reshape(rows.shape[0], -1)
+    return (flat.abs().sum(1) if importance == "l1" else flat.pow(2).sum(1).sqrt()).tolist()
+
+
+def _expected_units(module, importance: str) -> tuple[list[float], dict[str, tuple[torch.Tensor, int, int]]]:
+    """Scores per unit written out from the module's weights, and per tensor (dim, channels per unit) of what a
+    unit takes with it, for resnets (conv1 groups), attention (heads) and GEGLU feed-forwards (inner units)."""
+    from diffusers.models.attention import FeedForward
+    from diffusers.models.resnet import ResnetBlock2D
+
+    if isinstance(module, ResnetBlock2D):
+        groups = module.norm2.num_groups
+        per = module.conv1.out_channels // groups
+        rows = _norms(module.conv1.weight, importance)
+        scores = [sum(rows[g * per:(g + 1) * per]) for g in range(groups)]
+        return scores, {"conv1.weight": (0, per), "conv1.bias": (0, per), "norm2.weight": (0, per),
+                        "norm2.bias": (0, per), "time_emb_proj.weight": (0, per), "time_emb_proj.bias": (0, per),
+                        "conv2.weight": (1, per)}
+    if isinstance(module, FeedForward):
+        proj = module.net[0].proj  # GEGLU: rows [hidden half; gate half]
+        inner = proj.out_features // 2
+        assert proj.out_features == 2 * module.net[2].in_features, "the tiny UNet's feed-forwards are gated"
+        rows = _norms(proj.weight, importance)
+        return [rows[j] + rows[inner + j] for j in range(inner)], {"net.2.weight": (1, 1)}
+    heads = module.heads
+    per = module.to_q.out_features // heads
+    rows = [_norms(getattr(module, p).weight, importance) for p in ("to_q", "to_k", "to_v")]
+    scores = [sum(sum(r[h * per:(h + 1) * per]) for r in rows) for h in range(heads)]
+    return scores, {f"{p}.weight": (0, per) for p in ("to_q", "to_k", "to_v")} | {"to_out.0.weight": (1, per)}
+
+
 @pytest.mark.parametrize("importance", ["l2", "l1"])
-def test_magnitude_method_is_the_width_pruner(importance):
+def test_magnitude_method_keeps_the_units_with_the_largest_weight_norms(importance):
+    """Which units --prune-method magnitude keeps, checked against norms computed here from the teacher's weights
+    (independently of prune/width.py), on a UNet with one planted ranking; and the student's weights are the
+    teacher's rows and columns of exactly those units."""
+    from diffusers.models.attention import FeedForward
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
     teacher = tiny_unet(seed=1).eval()
+    planted = teacher.down_blocks[0].resnets[0]
+    # every conv1 filter of group g is +-scale[g] (random signs): same ranking by L1 and L2, known in advance
+    scale = torch.tensor([0.3, 0.9, 0.1, 0.7, 0.5, 0.2, 0.8, 0.4])
+    per = planted.conv1.out_channels // planted.norm2.num_groups
+    signs = torch.randint(0, 2, planted.conv1.weight.shape, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        planted.conv1.weight.copy_(signs * 0.05 * scale.repeat_interleave(per)[:, None, None, None])
+    original = copy.deepcopy(teacher.state_dict())
+
     student, report = prune_unet(teacher, "magnitude", ratio=0.5, importance=importance)
-    reference, expected = prune(teacher, ratio=0.5, importance=importance)
-    assert report.method == "magnitude" and report.kept == expected.kept
-    for (name, a), (_, b) in zip(student.state_dict().items(), reference.state_dict().items()):
-        assert torch.equal(a, b), name
+    assert report.method == "magnitude" and report.importance == importance
+    assert report.kept["resnets"]["down_blocks.0.resnets.0"] == [1, 3, 4, 6]  # the groups scaled 0.9, 0.7, 0.5, 0.8
+
+    kinds = {"resnets": ResnetBlock2D, "attention": Attention, "feedforward": FeedForward}
+    student_state = student.state_dict()
+    checked = 0
+    for section, kind in kinds.items():
+        names = [name for name, m in teacher.named_modules() if isinstance(m, kind)]
+        assert names and sorted(report.kept[section]) == sorted(names), section
+        for name in names:
+            scores, tensors = _expected_units(teacher.get_submodule(name), importance)
+            n_keep = len(scores) - len(scores) // 2  # ratio 0.5 of an even count
+            keep = sorted(sorted(range(len(scores)), key=lambda u: -scores[u])[:n_keep])
+            assert report.kept[section][name] == keep, (section, name, scores)
+            for tensor, (dim, unit_size) in tensors.items():
+                index = torch.tensor([u * unit_size + i for u in keep for i in range(unit_size)])
+                if section == "feedforward":  # net[0].proj keeps hidden row j and gate row j
+                    inner = len(scores)
+                    proj = torch.cat([index, index + inner])
+                    for key in ("net.0.proj.weight", "net.0.proj.bias"):
+                        expected = original[f"{name}.{key}"].index_select(0, proj)
+                        assert torch.equal(student_state[f"{name}.{key}"], expected), (name, key)
+                expected = original[f"{name}.{tensor}"].index_select(dim, index)
+                assert torch.equal(student_state[f"{name}.{tensor}"], expected), (name, tensor)
+                checked += 1
+    assert checked > 20
+    # what no unit owns is the teacher's, and the teacher itself is untouched
+    for key in ("conv_in.weight", "conv_out.weight", "time_embedding.linear_1.weight",
+                "down_blocks.0.resnets.0.conv2.bias", "down_blocks.0.attentions.0.proj_in.weight"):
+        assert torch.equal(student_state[key], original[key]), key
+    assert all(torch.equal(v, original[k]) for k, v in teacher.state_dict().items())
 
 
 # ---------------------------------------------------------------------------------------------------- taylor

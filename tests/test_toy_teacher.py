@@ -67,6 +67,28 @@ def test_load_toy_teacher_is_a_frozen_bundle():
     assert text.shape == (1, 32, bundle.unet.config.cross_attention_dim)
 
 
+def test_shipped_tokenizer_matches_the_byte_level_builder():
+    """The shipped tokenizer folder and the shipped builder (models.tokenizers, used to build teachers) give the
+    same ids, fixed here for two prompts, so moving or changing the builder cannot silently retokenize."""
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    from safeprune_engine.models.tokenizers import byte_clip_tokenizer
+
+    folder = toy_teacher.toy_teacher_path() / "tokenizer"
+    loaded = [AutoTokenizer.from_pretrained(folder, local_files_only=True),
+              CLIPTokenizer.from_pretrained(folder, local_files_only=True)]
+    built = [byte_clip_tokenizer(toy_teacher.TEXT_MAX_LENGTH), toy_teacher.teacher_tokenizer()]
+    prompts = ["a red circle by Vexa", "by Orrin", "", "a yellow diamond", "Ünïcode & PUNCT!? 42"]
+    for prompt in prompts:
+        ids = [tok(prompt, padding="max_length", max_length=toy_teacher.TEXT_MAX_LENGTH, truncation=True).input_ids
+               for tok in loaded + built]
+        assert all(i == ids[0] for i in ids), (prompt, ids)
+    # CLIP lowercases; byte b -> id b + 256 for the last byte of a word (</w>), else b; 512 start, 513 end and pad
+    assert built[0]("by Orrin").input_ids == [512, 98, 121 + 256, 111, 114, 114, 105, 110 + 256, 513]
+    assert loaded[0]("a red circle by Vexa").input_ids[:6] == [512, 97 + 256, 114, 101, 100 + 256, 99]
+    assert len(built[0]) == len(loaded[0]) == 514
+
+
 def test_shipped_teacher_draws_the_erased_style(shipped_pipe):
     judge = _judge_or_skip()
     prompts = [caption_for(SHAPES[i % 4], list(COLOURS)[(i // 4) % 4], ERASED_STYLE) for i in range(8)]

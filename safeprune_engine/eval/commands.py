@@ -1,6 +1,6 @@
 """`safeprune eval`: sample a model (and a reference) on a prompt set with fixed seeds and measure it.
 
-    safeprune eval --model DIR [--reference DIR] [--prompts FILE] [--judge toy|PATH|clip:PATH|csd:PATH|nudenet:PATH]
+    safeprune eval --model DIR [--reference DIR] [--prompts FILE|NAME] [--judge toy|PATH|clip:PATH|csd:PATH|nudenet:PATH]
                    [--samples-per-prompt N] [--steps N] [--guidance G] [--seed S] [--out FILE.json] [--grids DIR]
                    [--size N] [--batch-size N] [--device DEV] [--threads N]
 
@@ -17,9 +17,9 @@ def register(subparsers) -> None:
                         help="pipeline directory to evaluate (e.g. RUN/pipeline)")
     parser.add_argument("--reference", default=None, metavar="DIR",
                         help="pipeline directory to report side by side (the teacher)")
-    parser.add_argument("--prompts", default=None, metavar="FILE",
-                        help="prompt file: JSON list or JSONL of {\"prompt\", \"set\", labels...} "
-                             "(default: the built-in toy prompt set)")
+    parser.add_argument("--prompts", default="toy", metavar="FILE|NAME",
+                        help="prompt file (JSON list or JSONL of {\"prompt\", \"set\", labels...}) or the name of "
+                             "a registered prompt set (default: toy, the built-in toy prompt set)")
     parser.add_argument("--judge", default="toy", metavar="SPEC",
                         help="toy (default) | DIR of a torch classifier | clip:DIR | csd:DIR | nudenet:PATH")
     parser.add_argument("--samples-per-prompt", type=int, default=4, help="images per prompt (seeds S..S+N-1)")
@@ -53,7 +53,7 @@ def command_eval(args) -> int:
 
     from ..errors import SafepruneError
     from .judges import resolve_judge
-    from .prompts import load_prompts, toy_prompts
+    from .prompts import resolve_prompts
     from .runner import DEFAULT_GUIDANCE, evaluate
 
     # every input is checked before anything is loaded or sampled
@@ -63,7 +63,7 @@ def command_eval(args) -> int:
     for name in ("samples_per_prompt", "steps", "batch_size", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SafepruneError(f"--{name.replace('_', '-')} must be >= 1")
-    prompts = load_prompts(args.prompts) if args.prompts is not None else toy_prompts()
+    prompts = resolve_prompts(args.prompts)
     judge = resolve_judge(args.judge)
 
     import torch

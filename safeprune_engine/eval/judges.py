@@ -11,7 +11,8 @@ every judge resizes them to its own input size.
 
 Specs understood by ``resolve_judge`` (and ``safeprune eval --judge``):
 
-- ``toy`` - the shipped toy-world judge (``toy:DIR`` loads a toy judge saved elsewhere);
+- ``toy`` - the shipped toy-world judge (``toy:DIR`` loads a toy judge saved elsewhere), registered by the toy
+  world (safeprune_engine.toy.plugins) when it is imported or installed, never imported from here;
 - ``PATH`` - a user torch classifier directory (see ``load_torch_judge`` for the format);
 - ``clip:PATH`` - CLIP zero-shot labels + CLIP score, from a local transformers CLIP directory;
 - ``csd:PATH`` - CSD style descriptors (nearest reference style), from a local directory;
@@ -19,7 +20,9 @@ Specs understood by ``resolve_judge`` (and ``safeprune eval --judge``):
 
 Nothing is ever downloaded: missing weights give a SafepruneError that says what to put where.
 
-Adding a judge is one decorator; the factory gets the text after ``NAME:`` (or None) and a device::
+Adding a judge is one decorator (``JUDGES`` lives in safeprune_engine.eval.registries, which also finds installed
+packages' judges through the ``safeprune_engine.judges`` entry-point group); the factory gets the text after
+``NAME:`` (or None) and a device::
 
     @JUDGES.register("mine")
     def my_judge(arg: str | None, device="cpu") -> Judge: ...
@@ -37,7 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import SafepruneError
-from ..registry import Registry
+from .registries import JUDGE_ENTRY_POINTS, JUDGES
 
 JUDGE_CONFIG = "judge.json"
 JUDGE_WEIGHTS = "model.safetensors"
@@ -235,17 +238,6 @@ class ClassifierJudge(Judge):
         return {**super().describe(), "image_size": self.image_size}
 
 
-JUDGES: Registry[Callable[..., Judge]] = Registry("judge")
-
-
-@JUDGES.register("toy")
-def _toy_judge(arg: str | None = None, device="cpu") -> Judge:
-    """The shipped toy-world judge; ``toy:DIR`` loads one saved by ``safeprune toy build-judge --out DIR``."""
-    from ..toy.judge import load_judge
-
-    return load_judge(arg, device=device)
-
-
 @JUDGES.register("torch")
 def _torch_judge(arg: str | None = None, device="cpu") -> Judge:
     """``torch:DIR`` (or plain ``DIR``): a user-supplied torch classifier; see ``load_torch_judge``."""
@@ -273,7 +265,8 @@ def resolve_judge(spec: str | Judge, device="cpu") -> Judge:
         return load_torch_judge(path, device=device)
     raise SafepruneError(
         f"unknown judge {spec!r}: not one of {', '.join(JUDGES.names())} (NAME or NAME:PATH) and not a "
-        f"directory holding a torch classifier ({JUDGE_CONFIG} + {JUDGE_WEIGHTS})"
+        f"directory holding a torch classifier ({JUDGE_CONFIG} + {JUDGE_WEIGHTS}); installed packages' judges "
+        f"are found through the {JUDGE_ENTRY_POINTS!r} entry points (reinstall a package whose judge is missing)"
     )
 
 

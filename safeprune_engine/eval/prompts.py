@@ -10,18 +10,24 @@ File format: a JSON list of objects, or JSON Lines (one object per line), each::
   that must survive), ``unrelated`` (everything else that must survive), or any other set name.
 - every other key is an expected label for the judge head of that name (all optional): for the toy judge
   ``shape``, ``colour`` and ``style``. A ``labels`` object may hold them instead.
+
+Named prompt sets are plug-ins (``PROMPT_SETS``, a ``PromptSet`` each): ``safeprune eval --prompts NAME`` and
+``evaluate(prompts="NAME")`` use one; the default is ``toy``, which the toy world registers
+(``safeprune_engine.toy.prompts`` writes it to a file too).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from ..errors import SafepruneError
+from .registries import PROMPT_SETS
 
 ERASED, NEIGHBOUR, UNRELATED = "erased", "neighbour", "unrelated"
+DEFAULT_PROMPT_SET = "toy"
 STANDARD_SETS = (ERASED, NEIGHBOUR, UNRELATED)
 _RESERVED = {"prompt", "set", "labels"}
 
@@ -93,8 +99,9 @@ def load_prompts(path: str | os.PathLike) -> list[PromptSpec]:
     """Read a prompt file (JSON list or JSONL; see the module doc)."""
     path = Path(path)
     if not path.is_file():
+        sets = ", ".join(PROMPT_SETS.names()) or "none registered"
         raise SafepruneError(f"prompts file {path} does not exist (a JSON list or JSONL of {{\"prompt\", \"set\", "
-                             "labels...}}; `safeprune_engine.eval.toy_prompt_file(path)` writes the toy set)")
+                             f"labels...}}; or the name of a prompt set: {sets})")
     return parse_prompts(path.read_text(), source=str(path))
 
 
@@ -110,61 +117,32 @@ def save_prompts(prompts: list[PromptSpec], path: str | os.PathLike) -> Path:
     return path
 
 
-def toy_prompts(erased: str | None = None, neighbour: str | None = None,
-                unrelated_per_style: int = 4) -> list[PromptSpec]:
-    """The default toy prompt set.
+@dataclass
+class PromptSet:
+    """A named prompt set (a plug-in registered in ``PROMPT_SETS``).
 
-    ``erased``: every shape x colour in the erased style (16 prompts); ``neighbour``: the same in the neighbour
-    style (16); ``unrelated``: ``unrelated_per_style`` shape/colour pairs (a Latin-square walk, so every shape
-    and colour shows up) for every other style and for plain (unstyled) prompts.
+    prompts: ``(**options) -> list[PromptSpec]``. real_images: optional ``(spec, count, rng) -> images | None``:
+    ``count`` real images (uint8 ``[count, H, W, 3]``) showing what ``spec``'s labels describe, the Frechet
+    distance's reference, drawn with ``rng`` (a numpy Generator seeded per prompt); None for prompts it cannot
+    draw. ``evaluate`` asks every registered set's ``real_images`` unless given its own ``real_items``.
     """
-    from ..toy.world import COLOURS, ERASED_STYLE, NEIGHBOUR_STYLE, SHAPES, STYLES, caption_for
 
-    erased = erased or ERASED_STYLE
-    neighbour = neighbour or NEIGHBOUR_STYLE
-    for style in (erased, neighbour):
-        if style not in STYLES:
-            raise SafepruneError(f"unknown toy style {style!r}; choose one of {', '.join(STYLES)}")
-    colours = list(COLOURS)
-
-    def spec(shape, colour, style, set_name):
-        return PromptSpec(caption_for(shape, colour, style), set_name,
-                          {"shape": shape, "colour": colour, "style": style})
-
-    specs = [spec(s, c, erased, ERASED) for s in SHAPES for c in colours]
-    specs += [spec(s, c, neighbour, NEIGHBOUR) for s in SHAPES for c in colours]
-    others = [s for s in STYLES if s not in (erased, neighbour)]
-    count = max(0, min(unrelated_per_style, len(SHAPES) * len(colours)))
-    for k, style in enumerate(others):
-        pairs = [(SHAPES[i % len(SHAPES)], colours[(i + i // len(SHAPES) + k) % len(colours)])
-                 for i in range(count)]
-        specs += [spec(s, c, style, UNRELATED) for s, c in pairs]
-    return specs
+    prompts: Callable[..., list[PromptSpec]]
+    real_images: Callable[[PromptSpec, int, Any], Any] | None = None
+    description: str = ""
 
 
-def toy_prompt_file(path: str | os.PathLike, **kwargs) -> Path:
-    """Write ``toy_prompts(**kwargs)`` to ``path`` (JSONL for ``.jsonl``, else a JSON list)."""
-    return save_prompts(toy_prompts(**kwargs), path)
+def named_prompts(name: str, **options) -> list[PromptSpec]:
+    """The prompts of the registered prompt set ``name`` (SafepruneError naming the known ones otherwise)."""
+    return list(PROMPT_SETS.get(name).prompts(**options))
 
 
-_CAPTION = re.compile(r"^a (\w+) (\w+)(?: by (\w+))?$")
+def resolve_prompts(source: str | os.PathLike | None) -> list[PromptSpec]:
+    """Prompts from a prompt file, a registered prompt set's name, or None (the ``toy`` set).
 
-
-def toy_labels(caption: str) -> dict[str, str] | None:
-    """Labels of a toy caption ("a red circle by Vexa" -> shape, colour, style), or None if it is not one."""
-    from ..toy.world import COLOURS, SHAPES, STYLES
-
-    match = _CAPTION.match(caption.strip())
-    if not match:
-        return None
-    colour, shape, style = match.group(1), match.group(2), match.group(3) or "plain"
-    if colour not in COLOURS or shape not in SHAPES or style not in STYLES or style == "plain" and match.group(3):
-        return None
-    return {"shape": shape, "colour": colour, "style": style}
-
-
-def is_toy_item(labels: dict[str, str]) -> bool:
-    """Whether labels name a toy-world item (shape, colour and style all known), i.e. it can be rendered."""
-    from ..toy.world import COLOURS, SHAPES, STYLES
-
-    return (labels.get("shape") in SHAPES and labels.get("colour") in COLOURS and labels.get("style") in STYLES)
+    An existing file wins over a prompt set of the same name."""
+    if source is None:
+        return named_prompts(DEFAULT_PROMPT_SET)
+    if not Path(source).is_file() and isinstance(source, str) and source in PROMPT_SETS:
+        return named_prompts(source)
+    return load_prompts(source)

@@ -1,8 +1,8 @@
 """Sample a model on a prompt set with fixed seeds, judge the images and report concept, content and quality
 metrics per set, plus the model's size and speed.
 
-    from safeprune_engine.eval import evaluate, toy_prompts
-    result = evaluate(student_pipe, toy_prompts(), judge="toy", reference=teacher_pipe)
+    from safeprune_engine.eval import evaluate
+    result = evaluate(student_pipe, "toy", judge="toy", reference=teacher_pipe)   # the toy prompt set and judge
     print(result.table()); result.save_json("eval.json"); result.save_grids("grids/")
 
 ``model`` (and ``reference``) may be a StableDiffusionPipeline, a pipeline directory, or any callable
@@ -24,7 +24,8 @@ import numpy as np
 from ..errors import SafepruneError
 from . import metrics as M
 from .judges import Judge, resolve_judge, to_judge_input, to_uint8
-from .prompts import ERASED, NEIGHBOUR, UNRELATED, PromptSpec, is_toy_item, load_prompts, toy_prompts
+from .prompts import ERASED, NEIGHBOUR, UNRELATED, PromptSpec, resolve_prompts
+from .registries import PROMPT_SETS
 
 log = logging.getLogger(__name__)
 
@@ -243,15 +244,14 @@ class EvalResult:
 
 
 def _resolve_prompts(prompts) -> list[PromptSpec]:
-    if prompts is None:
-        return toy_prompts()
-    if isinstance(prompts, (str, os.PathLike)):
-        return load_prompts(prompts)
+    if prompts is None or isinstance(prompts, (str, os.PathLike)):
+        return resolve_prompts(prompts)
     specs = list(prompts)
     if not specs:
         raise SafepruneError("no prompts to evaluate")
     if not all(isinstance(p, PromptSpec) for p in specs):
-        raise SafepruneError("prompts must be PromptSpec objects, a prompt file path, or None for the toy set")
+        raise SafepruneError("prompts must be PromptSpec objects, a prompt file path, a prompt set name, or None "
+                             "for the toy set")
     return specs
 
 
@@ -267,19 +267,25 @@ def _check_labels(specs: Sequence[PromptSpec], judge: Judge) -> None:
                     name, ", ".join(judge.heads))
 
 
+def _registered_real_images(spec, count: int, seed: int, index: int):
+    """The first registered prompt set's real images of ``spec`` (None when no set can draw its labels)."""
+    for name in PROMPT_SETS.names():
+        source = PROMPT_SETS.get(name).real_images
+        if source is not None:
+            images = source(spec, count, np.random.default_rng((seed, 104729, index)))
+            if images is not None:
+                return images
+    return None
+
+
 def _real_images(specs, real_items, count: int, seed: int) -> dict[str, np.ndarray]:
     """prompt -> uint8 real images for the Frechet distance (see evaluate's ``real_items``)."""
-    from ..toy.world import Item, render_batch
-
     real: dict[str, np.ndarray] = {}
     for index, spec in enumerate(specs):
         if real_items is None:
-            if not is_toy_item(spec.labels):
-                continue
-            rng = np.random.default_rng((seed, 104729, index))
-            items = [Item(spec.labels["shape"], spec.labels["colour"], spec.labels["style"],
-                          int(rng.integers(2**31 - 1))) for _ in range(count)]
-            real[spec.prompt] = render_batch(items)
+            images = _registered_real_images(spec, count, seed, index)
+            if images is not None:
+                real[spec.prompt] = to_uint8(images)
         elif isinstance(real_items, Mapping):
             if spec.prompt in real_items:
                 real[spec.prompt] = to_uint8(real_items[spec.prompt])
@@ -381,12 +387,15 @@ def evaluate(
     """Sample ``model`` (and ``reference``) on ``prompts`` with fixed seeds, judge the images, measure.
 
     model / reference: a StableDiffusionPipeline, a pipeline directory, or a callable
-    ``(prompts: list[str], seeds: list[int]) -> images [B, H, W, 3]``. prompts: PromptSpecs, a prompt file, or
-    None for ``toy_prompts()``. judge: a Judge or a spec (``toy``, ``PATH``, ``clip:PATH``, ...).
+    ``(prompts: list[str], seeds: list[int]) -> images [B, H, W, 3]``. prompts: PromptSpecs, a prompt file, the
+    name of a registered prompt set, or None for the ``toy`` set. judge: a Judge or a spec (``toy``, ``PATH``,
+    ``clip:PATH``, ...). Named prompt sets and judges come from evaluation's registries
+    (safeprune_engine.eval.registries): the toy ones once the toy world is imported or installed.
     Sample ``j`` of every prompt uses seed ``seed + j`` for every model, so grids line up.
     steps / guidance / size: sampler settings for pipelines (size defaults to the model's).
-    real_items: the real images the Frechet distance compares against, per prompt: None renders toy-world items
-    of the prompt's labels (prompts that are not toy items get none), or a mapping prompt -> uint8 images, or a
+    real_items: the real images the Frechet distance compares against, per prompt: None asks the registered prompt
+    sets (the toy set renders toy-world items of the prompt's labels; prompts no set can draw get none), or a
+    mapping prompt -> uint8 images, or a
     callable ``(spec, count, seed) -> images``; ``real_per_prompt`` of them (default max(8, samples_per_prompt)),
     resized to the samples' size first so both sides are seen at the same resolution.
     concept_head: the judge head that names the concept (``style``). warmup: sample one untimed image first so

@@ -108,19 +108,19 @@ def build_unet(architecture: str, seed: int = 0, dtype=None):
 def build_pipeline(architecture: str, seed: int = 0, unet=None):
     """A StableDiffusionPipeline of the architecture with random weights, assembled offline.
 
-    The tokenizer is the byte-level CLIP tokenizer of safeprune_engine.testing (77 tokens); token ids stay below the
+    The tokenizer is the byte-level CLIP tokenizer of safeprune_engine.models.tokenizers (77 tokens); token ids stay below the
     real vocabulary size, so the text encoder has its real shape. SDXL raises SafepruneError (see the module doc).
     """
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ..testing import tiny_tokenizer
     from .export import assemble_pipeline
+    from .tokenizers import byte_clip_tokenizer
 
     check_trainable(architecture)
     torch.manual_seed(seed)
-    tokenizer = tiny_tokenizer(model_max_length=77)
+    tokenizer = byte_clip_tokenizer(model_max_length=77)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config(architecture),
                                                 bos_token_id=tokenizer.bos_token_id,
                                                 eos_token_id=tokenizer.eos_token_id,

@@ -171,19 +171,8 @@ class _KernelBackend(PrunedConvBackend):
         return dispatch.device_reasons(tensors, self.device_types)
 
 
-class CppBackend(_KernelBackend):
-    name = "cpp"
-    device_types = ("cpu",)
-    dtypes = FAST_DTYPES + (torch.float64,)
-
-    def static_reasons(self):
-        return native.native_reasons(NATIVE_OPS, "CPU")
-
-    def auto_skip_reasons(self, *args, **kwargs):
-        # measured on AVX-512 (benchmarks/results/kernels-cpu.json): 0.65-1.3x of torch's oneDNN convolution of
-        # the same pruned shape, mostly below 1, with or without the fused prologue/epilogue
-        return ["the C++ convolution is slower than torch's oneDNN conv of the same pruned shape on CPU "
-                "(measured 0.65-1.3x, mostly < 1); force backend='cpp' to use it"]
+class _NativeBackend(_KernelBackend):
+    """The compiled library's kernels (csrc/): the same ops for CPU and CUDA tensors, one library per device."""
 
     def forward(self, *args):
         return native.op("pruned_conv_forward")(*args)
@@ -194,7 +183,28 @@ class CppBackend(_KernelBackend):
                                 norm_scale, norm_shift, out_scale, need_input, need_weight)
 
 
-class CudaBackend(CppBackend):
+class CppBackend(_NativeBackend):
+    name = "cpp"
+    device_types = ("cpu",)
+    dtypes = FAST_DTYPES + (torch.float64,)
+
+    def static_reasons(self):
+        return native.native_reasons(NATIVE_OPS, "CPU")
+
+    def auto_skip_reasons(self, *args, **kwargs):
+        # measured on AVX-512 (benchmarks/results/kernels-cpu.json): 0.65-1.3x of torch's oneDNN convolution of
+        # the same pruned shape, mostly below 1, with or without the fused prologue/epilogue. A CPU measurement:
+        # it speaks only for CPU tensors (without inputs, for the CPU this backend runs on)
+        tensors = dispatch.tensors_in(list(args) + list(kwargs.values()))
+        if tensors and not any(t.device.type == "cpu" for t in tensors):
+            return []
+        return ["the C++ convolution is slower than torch's oneDNN conv of the same pruned shape on CPU "
+                "(measured 0.65-1.3x, mostly < 1); force backend='cpp' to use it"]
+
+
+class CudaBackend(_NativeBackend):
+    """No auto-skip reason: nothing has measured it slower than the reference on a GPU."""
+
     name = "cuda"
     device_types = ("cuda",)
     dtypes = FAST_DTYPES

@@ -82,7 +82,7 @@ def run_default(config: RunConfig, methods: tuple[str, ...] = METHODS, eval_samp
     resumes from its last checkpoint.
     """
     from ..checkpoint import list_checkpoints
-    from ..eval.prompts import toy_prompts
+    from .prompts import toy_prompts
     from ..eval.runner import evaluate
     from ..models.teacher import load_teacher
     from ..prune.base import calibration_batches, prune_unet

@@ -9,7 +9,7 @@ Components (all built from configs, no download):
     vae           AutoencoderKL, (B,3,32,32) in [-1,1] <-> (B,4,8,8) latents (3 encoder stages, 2 downsamples);
                   scaling_factor = 1 / std of the training latents.
     text_encoder  CLIPTextModel, 64 wide, 2 layers, 32 positions; trained together with the UNet.
-    tokenizer     the byte-level CLIPTokenizer of ``safeprune_engine.testing.tiny_tokenizer`` (512 bytes + 2).
+    tokenizer     the byte-level CLIPTokenizer of ``safeprune_engine.models.tokenizers`` (512 bytes + 2).
     unet          UNet2DConditionModel with SD's block layout (CrossAttnDownBlock2D x2, UNetMidBlock2DCrossAttn,
                   CrossAttnUpBlock2D x2), channels (64, 128), 16 GroupNorm groups (4 and 8 channels a group),
                   4 heads per attention, cross_attention_dim 64.
@@ -95,7 +95,7 @@ def vae_config() -> dict:
 
 
 def text_encoder_config(tokenizer) -> dict:
-    from ..testing import clip_text_config
+    from ..models.tokenizers import clip_text_config
 
     return clip_text_config(tokenizer, hidden_size=64)
 
@@ -129,9 +129,9 @@ def scheduler_config() -> dict:
 
 
 def teacher_tokenizer():
-    from ..testing import tiny_tokenizer
+    from ..models.tokenizers import byte_clip_tokenizer
 
-    return tiny_tokenizer(TEXT_MAX_LENGTH)
+    return byte_clip_tokenizer(TEXT_MAX_LENGTH)
 
 
 def build_components(seed: int = 0):
