@@ -142,10 +142,9 @@ def explicit_fields(args) -> set[str]:
     fills in only the others, so an explicit value equal to RunConfig's default is still honoured."""
     names = {name for name in RUN_FLAGS if getattr(args, name) is not None}
     if args.config:
-        import yaml
+        from .config import read_config_file
 
-        values = yaml.safe_load(open(args.config).read()) or {}  # JSON is YAML; validated by from_file above
-        names |= {str(key).replace("-", "_") for key in values}
+        names |= set(read_config_file(args.config))
     return names
 
 

@@ -6,10 +6,14 @@ either spelling. Flags given on the command line override the file.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import SafepruneError
 
@@ -122,38 +126,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
-        known = {f.name for f in fields(cls)}
-        normalised = {}
-        for key, value in values.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                raise SafepruneError(f"unknown config key {key!r}; known keys: {', '.join(sorted(known))}")
-            normalised[name] = value
-        version = normalised.get("version", CONFIG_VERSION)
-        if version > CONFIG_VERSION:
-            raise SafepruneError(f"config version {version} is newer than this safeprune-engine ({CONFIG_VERSION})")
-        for key in ("erase", "erase_prompts", "preserve", "plugins"):
-            if isinstance(normalised.get(key), str):
-                normalised[key] = [normalised[key]]
-        if isinstance(normalised.get("anchor"), list) and len(normalised["anchor"]) == 1:
-            normalised["anchor"] = normalised["anchor"][0]  # one anchor for every concept: the plain form
-        return cls(**normalised)
+        """Settings by field name (or its dashed flag spelling); values are checked against the fields' types."""
+        return cls(**checked_settings(values, lambda key, part: ""))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "RunConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise SafepruneError(f"config file {path} does not exist")
-        text = path.read_text()
-        if path.suffix == ".json":
-            values = json.loads(text)
-        else:
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        if not isinstance(values, dict):
-            raise SafepruneError(f"config file {path} must hold a mapping of keys to values")
-        return cls.from_dict(values)
+        return cls(**read_config_file(path))
 
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)
@@ -292,3 +270,147 @@ class RunConfig:
             if value is not None and value % self.nproc:
                 raise SafepruneError(f"--{name.replace('_', '-')} {value} is the global batch and must split "
                                      f"evenly over --nproc {self.nproc} ranks")
+
+
+# ---- settings from files and mappings: every problem is one line naming where it is ------------------------
+Locate = Callable[[str, str], str]  # (field name, "key" | "value") -> "file:line:col" or "file" or ""
+
+
+@functools.cache
+def setting_type(name: str) -> tuple[type, bool, bool]:
+    """(value type, repeatable, optional) of a RunConfig field, read from its annotation.
+
+    repeatable: a list of values is accepted (``list[str]``, ``str | list[str]``); optional: None is accepted.
+    """
+    hint = typing.get_type_hints(RunConfig)[name]
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    kinds = [member for member in members if member is not type(None)]
+    repeatable = any(typing.get_origin(kind) is list for kind in kinds)
+    kind = next(typing.get_args(kind)[0] if typing.get_origin(kind) is list else kind for kind in kinds)
+    return kind, repeatable, len(kinds) < len(members)
+
+
+def checked_value(name: str, value: Any) -> Any:
+    """value as RunConfig field `name` holds it, or a SafepruneError saying what the field takes."""
+    kind, repeatable, optional = setting_type(name)
+    if value is None and optional:
+        return None
+    if repeatable:
+        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+            return value
+        raise SafepruneError(f"{name} must be a string or a list of strings, got {value!r}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise SafepruneError(f"{name} must be true or false, got {value!r}")
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as text
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if kind is str and isinstance(value, str):
+        return value
+    what = {int: "an integer", float: "a number", str: "a string"}[kind]
+    hint = " (YAML reads unquoted no/yes/off/on as booleans: quote the value)" if isinstance(value, bool) else ""
+    raise SafepruneError(f"{name} must be {what}, got {value!r}{hint}")
+
+
+def checked_settings(values: dict, locate: Locate) -> dict[str, Any]:
+    """values by RunConfig field name: keys in either spelling (prune_ratio / prune-ratio), checked types,
+    a single text where a list is expected becomes a one-item list."""
+    known = [f.name for f in fields(RunConfig)]
+    settings: dict[str, Any] = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(sorted(known))}"
+            raise SafepruneError(f"{locate(name, 'key')}unknown config key {key!r}{hint}")
+        try:
+            settings[name] = checked_value(name, value)
+        except SafepruneError as error:
+            raise SafepruneError(f"{locate(name, 'value')}{error}") from None
+    version = settings.get("version", CONFIG_VERSION)
+    if version > CONFIG_VERSION:
+        raise SafepruneError(f"{locate('version', 'value')}config version {version} is newer than this "
+                             f"safeprune-engine ({CONFIG_VERSION})")
+    for name, value in settings.items():
+        if isinstance(value, str) and setting_type(name)[1] and name != "anchor":
+            settings[name] = [value]
+    if isinstance(settings.get("anchor"), list) and len(settings["anchor"]) == 1:
+        settings["anchor"] = settings["anchor"][0]  # one anchor for every concept: the plain form
+    return settings
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The settings of a YAML or JSON (*.json) config file, checked: syntax errors and bad keys or values are
+    one SafepruneError line that starts with ``file:line:column:`` (just ``file:`` where JSON has no position)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SafepruneError(f"config file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise SafepruneError(f"config file {path} cannot be read: {error}") from None
+    values, marks = _parse_json(path, text) if path.suffix == ".json" else _parse_yaml(path, text)
+    if not isinstance(values, dict):
+        raise SafepruneError(f"{path}: a config file holds a mapping of keys to values, got a "
+                             f"{type(values).__name__}")
+
+    def locate(name: str, part: str) -> str:
+        mark = marks.get((name, part))
+        return f"{path}:{mark[0]}:{mark[1]}: " if mark else f"{path}: "
+
+    return checked_settings(values, locate)
+
+
+def _parse_json(path: Path, text: str) -> tuple[Any, dict]:
+    def no_repeats(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key.replace("-", "_") in seen:
+                raise SafepruneError(f"{path}: key {key!r} is given twice")
+            seen.add(key.replace("-", "_"))
+        return dict(pairs)
+
+    try:
+        return json.loads(text, object_pairs_hook=no_repeats), {}
+    except json.JSONDecodeError as error:
+        raise SafepruneError(f"{path}:{error.lineno}:{error.colno}: JSON syntax error: {error.msg}") from None
+
+
+def _parse_yaml(path: Path, text: str) -> tuple[Any, dict]:
+    """The document and, for a top-level mapping, 1-based (line, column) of each key and value."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        values = loader.construct_document(node) if node is not None else {}
+    except yaml.MarkedYAMLError as error:
+        # a construct left open (a bracket, a quote) is reported where it starts; the problem's place follows
+        mark = error.context_mark or error.problem_mark
+        what = ", ".join(part for part in (error.context, error.problem) if part)
+        if error.context_mark and error.problem_mark:
+            what += f" at line {error.problem_mark.line + 1}, column {error.problem_mark.column + 1}"
+        kind = "YAML error" if isinstance(error, yaml.constructor.ConstructorError) else "YAML syntax error"
+        raise SafepruneError(f"{path}:{mark.line + 1}:{mark.column + 1}: {kind}: {what}") from None
+    except yaml.YAMLError as error:
+        raise SafepruneError(f"{path}: YAML error: {' '.join(str(error).split())}") from None
+    finally:
+        loader.dispose()
+    marks: dict[tuple[str, str], tuple[int, int]] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            name = str(key_node.value).replace("-", "_")
+            at = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            if (name, "key") in marks:
+                raise SafepruneError(f"{path}:{at[0]}:{at[1]}: key {key_node.value!r} is given twice")
+            marks[name, "key"] = at
+            marks[name, "value"] = (value_node.start_mark.line + 1, value_node.start_mark.column + 1)
+    return values, marks

@@ -172,3 +172,68 @@ def test_resume_from_a_checkpoint_of_another_architecture(world, tmp_path, capsy
     args = run_args(world, tmp_path / "second", "--resume", str(checkpoint), steps=4)
     args[args.index("--prune-ratio") + 1] = "0.25"
     fails_cleanly(args, capsys, "other settings", tmp_path / "second")
+
+
+# ---- config files: one line naming file:line:column, exit 2, no run directory -------------------------------
+@pytest.mark.parametrize("name,text,expected", [
+    ("bad.yaml", "steps: [unclosed\n", "bad.yaml:1:8: YAML syntax error"),
+    ("bad.yaml", "steps: 2\n  method: bilevel\n", "bad.yaml:2:9: YAML syntax error"),
+    ("bad.json", '{"steps": 2,}', "bad.json:1:13: JSON syntax error"),
+    ("list.yaml", "- steps\n- 2\n", "list.yaml: a config file holds a mapping of keys to values, got a list"),
+    ("typo.yaml", "method: bilevel\nstpes: 3\n", "typo.yaml:2:1: unknown config key 'stpes' (did you mean 'steps'?)"),
+    ("twice.yaml", "steps: 3\nsteps: 4\n", "twice.yaml:2:1: key 'steps' is given twice"),
+    ("type.yaml", "steps: many\n", "type.yaml:1:8: steps must be an integer, got 'many'"),
+    ("type.yaml", "erase: [a, 3]\n", "type.yaml:1:8: erase must be a string or a list of strings, got ['a', 3]"),
+    ("bool.yaml", "mixed_precision: no\n", "bool.yaml:1:18: mixed_precision must be a string, got False (YAML reads"),
+    ("bad.json", '{"steps": "many"}', "bad.json: steps must be an integer, got 'many'"),
+])
+def test_bad_config_file_is_one_located_line(tmp_path, capsys, name, text, expected):
+    config_file = tmp_path / name
+    config_file.write_text(text)
+    out = tmp_path / "out"
+    assert main(["run", "--config", str(config_file), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"safeprune: error: {tmp_path}/{expected}"), err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_config_file_values_as_yaml_writes_them(tmp_path):
+    """YAML 1.1 reads 1e-5 as a string; float settings take it as the number a user meant."""
+    from safeprune_engine.config import RunConfig
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("lr: 1e-5\nbilevel_lambda: 3\nerase: by monet\nmixed_precision: 'no'\n")
+    config = RunConfig.from_file(config_file)
+    assert (config.lr, config.bilevel_lambda, config.erase, config.mixed_precision) == (1e-5, 3.0, ["by monet"], "no")
+    assert isinstance(config.bilevel_lambda, float)
+
+
+def test_bad_config_file_in_a_fresh_process_prints_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    config_file = tmp_path / "bad.yaml"
+    config_file.write_text("steps: [unclosed\n")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "safeprune_engine.cli", "run", "--config", str(config_file),
+                             "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"safeprune: error: {config_file}:1:8: YAML syntax error"), result.stderr
+    assert result.stderr.count("\n") == 1 and not out.exists()
+
+
+def test_every_setting_round_trips_through_a_json_file_as_the_launcher_writes_it(tmp_path):
+    """The launcher hands ranks their settings as a JSON file; the checked reader must take every value back."""
+    from safeprune_engine.config import RunConfig
+
+    config = RunConfig(teacher="t", erase=["a", "b"], anchor=["x", "y"], lr=3e-4, lr_upper=2e-3, steps=7,
+                       mixed_precision="bf16", teacher_int8=True, zero3_persistence_threshold=10, bilevel_lambda=2.5)
+    config_file = tmp_path / "run_config.json"
+    config_file.write_text(config.to_json())
+    assert RunConfig.from_file(config_file) == config
+    yaml_file = tmp_path / "run_config.yaml"
+    import yaml
+
+    yaml_file.write_text(yaml.safe_dump(config.to_dict()))
+    assert RunConfig.from_file(yaml_file) == config
