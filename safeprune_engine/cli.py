@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=command_run)
 
     sample = sub.add_parser("sample", help="generate an image with an exported pipeline")
-    sample.add_argument("--model", required=True, help="pipeline directory (e.g. RUN/pipeline)")
+    sample.add_argument("--model", required=True,
+                        help="a run directory (the --out of `safeprune run`) or a pipeline directory")
     sample.add_argument("--prompt", required=True)
     sample.add_argument("--out", required=True, help="output PNG file")
     sample.add_argument("--steps", type=int, default=25, help="denoising steps")
@@ -171,6 +172,29 @@ def command_run(args) -> int:
     return 0
 
 
+def pipeline_dir(model: str) -> "Path":
+    """The pipeline directory --model names: a pipeline directory itself, or a run directory (the --out of
+    `safeprune run`, whose student is exported to RUN/pipeline)."""
+    from pathlib import Path
+
+    path = Path(model)
+    if not path.exists():
+        raise SafepruneError(f"--model {model} does not exist")
+    if (path / "model_index.json").is_file():
+        return path
+    if (path / "pipeline" / "model_index.json").is_file():
+        return path / "pipeline"
+    if (path / "run_config.json").is_file():
+        raise SafepruneError(f"--model {model} is a run directory without an exported pipeline yet (its run has "
+                             "not finished; continue it with `safeprune run ... --resume latest`)")
+    # the built-in default's --out holds one run directory per method
+    runs = sorted(str(index.parent.parent) for index in path.glob("*/pipeline/model_index.json"))
+    if runs:
+        raise SafepruneError(f"--model {model} holds several runs; choose one: {', '.join(runs)}")
+    raise SafepruneError(f"--model {model} is neither a pipeline directory (no model_index.json) nor a run "
+                         "directory (no pipeline/model_index.json)")
+
+
 def command_sample(args) -> int:
     from pathlib import Path
 
@@ -178,12 +202,11 @@ def command_sample(args) -> int:
 
     from .models.export import load_pipeline
 
-    if not (Path(args.model) / "model_index.json").is_file():
-        raise SafepruneError(f"--model {args.model} is not a pipeline directory (no model_index.json)")
+    model = pipeline_dir(args.model)
     if not args.prompt.strip():
         raise SafepruneError("--prompt is empty")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(args.model, device=device)
+    pipe = load_pipeline(model, device=device)
     size = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     generator = torch.Generator(device=device).manual_seed(args.seed)
     image = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, height=size,

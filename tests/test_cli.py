@@ -237,3 +237,68 @@ def test_every_setting_round_trips_through_a_json_file_as_the_launcher_writes_it
 
     yaml_file.write_text(yaml.safe_dump(config.to_dict()))
     assert RunConfig.from_file(yaml_file) == config
+
+
+# ---- sample --model: a pipeline directory or the run directory `safeprune run --out` printed -----------------
+def sample(model, png, seed):
+    return main(["sample", "--model", str(model), "--prompt", "a red square", "--out", str(png), "--steps", "2",
+                 "--size", "16", "--device", "cpu", "--seed", str(seed)])
+
+
+def test_sample_takes_a_run_directory_or_its_pipeline(world, tmp_path):
+    import random
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    run = tmp_path / "run"
+    shutil.copytree(world["teacher"], run / "pipeline")
+    (run / "run_config.json").write_text("{}")
+    seed = random.randrange(2**31)
+    assert sample(run, tmp_path / "from-run.png", seed) == 0
+    assert sample(run / "pipeline", tmp_path / "from-pipeline.png", seed) == 0
+    from_run, from_pipeline = (np.asarray(Image.open(tmp_path / f"from-{n}.png")) for n in ("run", "pipeline"))
+    assert from_run.shape == (16, 16, 3) and from_run.std() > 0
+    assert np.array_equal(from_run, from_pipeline)  # the run directory's own pipeline, same seed: same image
+
+
+def test_sample_in_the_built_in_default_out_dir_names_its_runs(world, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "default"  # runs/default: one run directory per method, then the report
+    for method in ("distill-only", "two-stage", "bilevel"):
+        shutil.copytree(world["teacher"], root / method / "pipeline")
+    (root / "metrics.json").write_text("{}")
+    assert sample(root / "bilevel", tmp_path / "bilevel.png", 0) == 0
+    capsys.readouterr()
+    png = tmp_path / "root.png"
+    assert sample(root, png, 0) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"--model {root} holds several runs; choose one" in err, err
+    for method in ("distill-only", "two-stage", "bilevel"):
+        assert str(root / method) in err, err
+    assert not png.exists()
+
+
+@pytest.mark.parametrize("layout,expected", [
+    ("missing", "does not exist"),
+    ("empty", "is neither a pipeline directory (no model_index.json) nor a run directory"),
+    ("unfinished", "is a run directory without an exported pipeline"),
+    ("file", "is neither a pipeline directory"),
+])
+def test_sample_model_that_is_no_pipeline(tmp_path, capsys, layout, expected):
+    model = tmp_path / "model"
+    if layout == "empty":
+        model.mkdir()
+    elif layout == "unfinished":  # a run that stopped before its export
+        (model / "checkpoints").mkdir(parents=True)
+        (model / "run_config.json").write_text("{}")
+    elif layout == "file":
+        model.write_text("not a pipeline")
+    png = tmp_path / "x.png"
+    assert sample(model, png, 0) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"safeprune: error: --model {model} ") and expected in err, err
+    assert err.count("\n") == 1 and not png.exists()
