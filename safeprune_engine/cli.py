@@ -190,7 +190,7 @@ def pipeline_dir(model: str) -> "Path":
     # the built-in default's --out holds one run directory per method
     runs = sorted(str(index.parent.parent) for index in path.glob("*/pipeline/model_index.json"))
     if runs:
-        raise SafepruneError(f"--model {model} holds several runs; choose one: {', '.join(runs)}")
+        raise SafepruneError(f"--model {model} holds run directories, one per method; choose one: {', '.join(runs)}")
     raise SafepruneError(f"--model {model} is neither a pipeline directory (no model_index.json) nor a run "
                          "directory (no pipeline/model_index.json)")
 

@@ -276,7 +276,7 @@ def test_sample_in_the_built_in_default_out_dir_names_its_runs(world, tmp_path, 
     assert sample(root, png, 0) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
-    assert f"--model {root} holds several runs; choose one" in err, err
+    assert f"--model {root} holds run directories, one per method; choose one" in err, err
     for method in ("distill-only", "two-stage", "bilevel"):
         assert str(root / method) in err, err
     assert not png.exists()
