@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.abc
 import logging
 import sys
 
@@ -173,6 +174,59 @@ def command_sample(args) -> int:
     return 0
 
 
+class HiddenFromProbe(importlib.abc.MetaPathFinder):
+    """While module `prober` runs its import-time checks for optional packages, the `hidden` ones look absent to
+    it (None in sys.modules); afterwards they import as usual for whoever imports them.
+
+    diffusers probes for bitsandbytes in diffusers.utils.import_utils and, when it is installed, imports it with
+    its quantizers in every process; importing bitsandbytes on a CPU with AVX512-BF16 asks the hub's
+    kernels-community for a 4-bit CPU kernel and, offline or without the `kernels` package, logs a warning. So
+    bitsandbytes runs (and may warn) only where it is used: --use-8bit-adam, --teacher-int8, a plug-in.
+    """
+
+    def __init__(self, prober: str, hidden: tuple[str, ...]):
+        self.prober, self.hidden = prober, hidden
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.prober:
+            return None
+        for finder in sys.meta_path:
+            spec = None if finder is self or not hasattr(finder, "find_spec") else finder.find_spec(name, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = ProbeWindow(spec.loader, self.hidden)
+                return spec
+        return None
+
+
+class ProbeWindow(importlib.abc.Loader):
+    """A module's own loader, with the `hidden` packages absent while the module runs."""
+
+    def __init__(self, loader, hidden: tuple[str, ...]):
+        self.loader, self.hidden = loader, hidden
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        absent = [name for name in self.hidden if name not in sys.modules]
+        sys.modules.update(dict.fromkeys(absent))  # find_spec(name) is None for these now
+        try:
+            self.loader.exec_module(module)
+        finally:
+            for name in absent:
+                if name in sys.modules and sys.modules[name] is None:
+                    del sys.modules[name]
+
+    def __getattr__(self, attribute):  # get_source, get_resource_reader, ...: the module's own loader answers
+        return getattr(self.loader, attribute)
+
+
+def hide_optional_packages_from_probes() -> None:
+    if not any(isinstance(finder, HiddenFromProbe) for finder in sys.meta_path):
+        sys.meta_path.insert(0, HiddenFromProbe("diffusers.utils.import_utils", ("bitsandbytes",)))
+
+
 def quiet_third_party_noise() -> None:
     """Libraries that diffusers imports when present print start-up warnings that are not about the user's run."""
     import os
@@ -183,7 +237,7 @@ def quiet_third_party_noise() -> None:
 
         if not torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"  # deepspeed otherwise warns that it fell back to CPU
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    hide_optional_packages_from_probes()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -302,3 +302,40 @@ def test_sample_model_that_is_no_pipeline(tmp_path, capsys, layout, expected):
     err = capsys.readouterr().err
     assert err.startswith(f"safeprune: error: --model {model} ") and expected in err, err
     assert err.count("\n") == 1 and not png.exists()
+
+
+# ---- bitsandbytes (and its hub lookup of a 4-bit CPU kernel) only in runs that use it ------------------------
+def cli_in_a_fresh_process(*args, cwd):
+    """stderr of `python -X importtime -m safeprune_engine.cli ...`: the run's own messages plus one line per
+    module the process executed."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "safeprune_engine.cli", *map(str, args)],
+                            capture_output=True, text=True, cwd=cwd, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    executed = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    own = "\n".join(line for line in result.stderr.splitlines() if not line.startswith("import time:"))
+    return executed, own
+
+
+@pytest.mark.parametrize("command", ["sample", "prune"])
+def test_plain_commands_do_not_load_bitsandbytes_or_print_its_warnings(world, tmp_path, command):
+    if command == "sample":
+        args = ["sample", "--model", world["teacher"], "--prompt", "a red square", "--out", tmp_path / "x.png",
+                "--steps", "2", "--size", "16", "--device", "cpu"]
+    else:
+        args = ["prune", "--teacher", world["teacher"], "--prune-ratio", "0.5", "--out", tmp_path / "pruned",
+                "--latency-repeats", "1", "--device", "cpu"]
+    executed, own = cli_in_a_fresh_process(*args, cwd=tmp_path)
+    assert "diffusers.models.modeling_utils" in executed  # the command did load diffusers' models
+    assert not sorted(name for name in executed if name.startswith("bitsandbytes."))
+    assert "kernels-community" not in own and "Traceback" not in own, own
+
+
+def test_8bit_runs_still_load_bitsandbytes(world, tmp_path):
+    executed, own = cli_in_a_fresh_process(*run_args(world, tmp_path / "out", "--use-8bit-adam", steps=1),
+                                           cwd=tmp_path)
+    assert {"bitsandbytes.optim", "bitsandbytes.functional"} <= executed
+    assert "Traceback" not in own and (tmp_path / "out" / "pipeline" / "model_index.json").is_file()
