@@ -61,13 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="generate an image with an exported pipeline")
     sample.add_argument("--model", required=True,
                         help="a run directory (the --out of `safeprune run`) or a pipeline directory")
-    sample.add_argument("--prompt", required=True)
+    sample.add_argument("--prompt", required=True, help="text prompt")
     sample.add_argument("--out", required=True, help="output PNG file")
-    sample.add_argument("--steps", type=int, default=25, help="denoising steps")
-    sample.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
+    sample.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     sample.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
-    sample.add_argument("--device", default=None)
+    sample.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     sample.set_defaults(handler=command_sample)
 
     # other rooms add their own subcommands: each module has register(subparsers), setting `handler`
