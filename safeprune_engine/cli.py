@@ -8,81 +8,44 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.abc
 import logging
 import sys
 
 from .errors import SafepruneError
 
-# flag name -> (type, help); every RunConfig field used here is also a YAML key of the same name
-RUN_FLAGS = {
-    "teacher": (str, "StableDiffusionPipeline directory (or hub id when online); omit for the built-in default"),
-    "data": (str, "image folder with metadata.jsonl lines {\"file_name\", \"text\"}"),
-    "erase": (str, "concept prompt to suppress; repeat for several"),
-    "erase_data": (str, "image folder of concept images (default: the teacher's own sampling trajectories)"),
-    "erase_prompts": (str, "a prompt whose teacher trajectories feed the upper level (repeatable; default: --erase)"),
-    "anchor": (str, "anchor for the concept: empty | strip | any text; repeat to give each --erase its own"),
-    "preserve": (str, "a prompt whose outputs are held to the teacher's (repeatable)"),
-    "preserve_weight": (float, "weight of holding the --preserve prompts"),
-    "prune_ratio": (float, "fraction of internal width units removed, in (0, 1)"),
-    "target_macs": (float, "prune to this fraction of the teacher's MACs instead of a fixed ratio"),
-    "prune_importance": (str, "magnitude pruning: l2 | l1"),
-    "prune_method": (str, "magnitude | taylor | bk-base | bk-small | bk-tiny (or a plug-in's name)"),
-    "prune_calibration_batches": (int, "taylor: batches of --data that score the units"),
-    "method": (str, "bilevel | alternating | two-stage | distill-only"),
-    "steps": (int, "training steps"),
-    "batch_size": (int, "data batch size per step"),
-    "concept_batch_size": (int, "concept batch size of upper steps (default: batch size)"),
-    "resolution": (int, "image resolution in pixels (default: the teacher's)"),
-    "lr": (float, "learning rate of the lower level"),
-    "lr_upper": (float, "learning rate of the upper level (default 5 x lr)"),
-    "seed": (int, "random seed"),
-    "mixed_precision": (str, "no | bf16 | fp16"),
-    "device": (str, "cpu | cuda | cuda:N (default: cuda when available)"),
-    "kernels": (str, "fused ops in the UNets: auto | off | triton | cuda | cpp (default off)"),
-    "w_diff": (float, "weight of the diffusion loss"),
-    "w_out": (float, "weight of output distillation"),
-    "w_feat": (float, "weight of feature distillation"),
-    "snr_gamma": (float, "min-SNR gamma for the diffusion loss (default: off)"),
-    "erase_method": (str, "esd-u | esd-x | concept-ablation-model | concept-ablation-noise | uce | salun"),
-    "eta": (float, "ESD negative-guidance strength"),
-    "bilevel_lambda": (float, "bilevel penalty lambda"),
-    "bilevel_inner_steps": (int, "bilevel: inner (lower) steps per outer step"),
-    "upper_every": (int, "alternating: one upper step every N iterations"),
-    "two_stage_erase_steps": (int, "two-stage: erase steps at the end (default steps // 4)"),
-    "esd_pool_size": (int, "trajectory latents per concept when no --erase-data"),
-    "esd_ddim_steps": (int, "DDIM steps of the trajectory sampler"),
-    "esd_guidance": (float, "guidance scale of the trajectory sampler"),
-    "uce_when": (str, "uce: closed-form edit before | after | every:N steps"),
-    "uce_lambda": (float, "uce: weight of keeping the edited matrices close to their old values"),
-    "salun_base": (str, "salun: the gradient objective whose updates the saliency mask restricts"),
-    "salun_topk": (float, "salun: fraction of the base objective's weights the mask keeps"),
-    "salun_batches": (int, "salun: concept batches the saliency is measured on"),
-    "plugins": (str, "a module to import first, whose decorators register plug-ins (repeatable)"),
-    "cache_dir": (str, "where encoded latents, captions and trajectories are cached (default OUT/cache)"),
-    "checkpoint_every": (int, "save a checkpoint every N steps (0: only at the end)"),
-    "keep_checkpoints": (int, "checkpoints to keep"),
-    "resume": (str, "latest | CHECKPOINT_DIR"),
-    "log_every": (int, "log scalars every N steps"),
-    "launcher": (str, "deepspeed | torchrun: start --nproc processes on this machine"),
-    "nproc": (int, "processes (ranks) to start with --launcher"),
-    "zero_stage": (int, "0 (plain data parallel) | 1 | 2 | 3: DeepSpeed ZeRO stage of the student"),
-    "teacher_zero3": (bool, "shard the frozen teacher across ranks (optimizer-less ZeRO-3 engine)"),
-    "zero3_persistence_threshold": (int, "ZeRO-3 keeps tensors with fewer elements whole (default 100000)"),
-    "gradient_checkpointing": (bool, "recompute student activations in backward (less memory, more time)"),
-    "channels_last": (bool, "NHWC memory format for the UNets' convolutions"),
-    "use_8bit_adam": (bool, "bitsandbytes AdamW8bit states for every solver optimizer"),
-    "teacher_int8": (bool, "bitsandbytes int8 Linear layers in the teacher (the output error is reported)"),
-    "teacher_dtype": (str, "fp32 | bf16 | fp16 (default: the --mixed-precision dtype)"),
-    "export_dtype": (str, "fp32 | bf16 | fp16: weights of the exported pipeline (default fp32)"),
-}
-
-
 COMMAND_MODULES = ("safeprune_engine.toy.commands", "safeprune_engine.eval.commands", "safeprune_engine.prune.commands")
-REPEATABLE = ("erase", "erase_prompts", "anchor", "preserve", "plugins")  # flags given once per value
+RUN_OPTIONS = ("--config",)  # the options of `safeprune run` that are no RunConfig field (besides --help)
 
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field, from its declaration: type, help, choices and default shown in --help.
+
+    Flags default to None so that the CLI knows which settings the user gave (they override the --config file,
+    and the built-in default run fills in only the others); the real default is written into the help.
+    """
+    from .config import default_text, flag_fields, setting_type
+    from .toy.default_run import TOY_TRAINING
+
+    for f in flag_fields():
+        kind, repeatable, _ = setting_type(f.name)
+        text = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            text += ": " + " | ".join(map(str, f.metadata["choices"]))
+        shown = f"default: {default_text(f)}"
+        if f.name in TOY_TRAINING:
+            shown += f"; the built-in default run uses {TOY_TRAINING[f.name]}"
+        text = f"{text} ({shown})".strip().replace("%", "%%")  # argparse %-formats help
+        if kind is bool:  # --x / --no-x: either overrides the config file
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif repeatable:  # given once per value
+            parser.add_argument(flag(f.name), action="append", type=kind, default=None, help=text)
+        else:
+            parser.add_argument(flag(f.name), type=kind, default=None, help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,28 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="prune a teacher, then fine-tune and erase concepts in one phase")
-    run.add_argument("--config", help="YAML (or JSON) file whose keys are these flags' names")
-    run.add_argument("--out", help="run directory (default runs/default)")
-    for name, (kind, text) in RUN_FLAGS.items():
-        if name in REPEATABLE:
-            run.add_argument(flag(name), action="append", default=None, help=text)
-        elif kind is bool:  # a switch: given = True, absent = the config file's (or default) value
-            run.add_argument(flag(name), action="store_true", default=None, help=text)
-        else:
-            run.add_argument(flag(name), type=kind, default=None, help=text)
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
-
+    run.add_argument("--config", help="YAML (or JSON) file whose keys are these flags' names; flags override it")
+    add_setting_flags(run)
     run.set_defaults(handler=command_run)
 
     sample = sub.add_parser("sample", help="generate an image with an exported pipeline")
-    sample.add_argument("--model", required=True, help="pipeline directory (e.g. RUN/pipeline)")
-    sample.add_argument("--prompt", required=True)
+    sample.add_argument("--model", required=True,
+                        help="a run directory (the --out of `safeprune run`) or a pipeline directory")
+    sample.add_argument("--prompt", required=True, help="text prompt")
     sample.add_argument("--out", required=True, help="output PNG file")
-    sample.add_argument("--steps", type=int, default=25, help="denoising steps")
-    sample.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
+    sample.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     sample.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
-    sample.add_argument("--device", default=None)
+    sample.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     sample.set_defaults(handler=command_sample)
 
     # other rooms add their own subcommands: each module has register(subparsers), setting `handler`
@@ -127,25 +82,27 @@ def run_config_from_args(args) -> "RunConfig":
     from .config import RunConfig
 
     config = RunConfig.from_file(args.config) if args.config else RunConfig()
-    overrides = {name: getattr(args, name) for name in RUN_FLAGS if getattr(args, name) is not None}
+    overrides = {name: getattr(args, name) for name in given_flags(args)}
     if isinstance(overrides.get("anchor"), list) and len(overrides["anchor"]) == 1:
         overrides["anchor"] = overrides["anchor"][0]  # one anchor for every concept: the plain form
-    if args.out is not None:
-        overrides["out"] = args.out
-    if args.no_progress:
-        overrides["progress"] = False
     return dataclasses.replace(config, **overrides)  # validated by train(), after built-in defaults
+
+
+def given_flags(args) -> list[str]:
+    """RunConfig fields given as flags on this command line."""
+    from .config import flag_fields
+
+    return [f.name for f in flag_fields() if getattr(args, f.name) is not None]
 
 
 def explicit_fields(args) -> set[str]:
     """RunConfig fields the user set (flags or config-file keys), whatever their value: the built-in default
     fills in only the others, so an explicit value equal to RunConfig's default is still honoured."""
-    names = {name for name in RUN_FLAGS if getattr(args, name) is not None}
+    names = set(given_flags(args))
     if args.config:
-        import yaml
+        from .config import read_config_file
 
-        values = yaml.safe_load(open(args.config).read()) or {}  # JSON is YAML; validated by from_file above
-        names |= {str(key).replace("-", "_") for key in values}
+        names |= set(read_config_file(args.config))
     return names
 
 
@@ -172,6 +129,29 @@ def command_run(args) -> int:
     return 0
 
 
+def pipeline_dir(model: str) -> "Path":
+    """The pipeline directory --model names: a pipeline directory itself, or a run directory (the --out of
+    `safeprune run`, whose student is exported to RUN/pipeline)."""
+    from pathlib import Path
+
+    path = Path(model)
+    if not path.exists():
+        raise SafepruneError(f"--model {model} does not exist")
+    if (path / "model_index.json").is_file():
+        return path
+    if (path / "pipeline" / "model_index.json").is_file():
+        return path / "pipeline"
+    if (path / "run_config.json").is_file():
+        raise SafepruneError(f"--model {model} is a run directory without an exported pipeline yet (its run has "
+                             "not finished; continue it with `safeprune run ... --resume latest`)")
+    # the built-in default's --out holds one run directory per method
+    runs = sorted(str(index.parent.parent) for index in path.glob("*/pipeline/model_index.json"))
+    if runs:
+        raise SafepruneError(f"--model {model} holds run directories, one per method; choose one: {', '.join(runs)}")
+    raise SafepruneError(f"--model {model} is neither a pipeline directory (no model_index.json) nor a run "
+                         "directory (no pipeline/model_index.json)")
+
+
 def command_sample(args) -> int:
     from pathlib import Path
 
@@ -179,12 +159,11 @@ def command_sample(args) -> int:
 
     from .models.export import load_pipeline
 
-    if not (Path(args.model) / "model_index.json").is_file():
-        raise SafepruneError(f"--model {args.model} is not a pipeline directory (no model_index.json)")
+    model = pipeline_dir(args.model)
     if not args.prompt.strip():
         raise SafepruneError("--prompt is empty")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(args.model, device=device)
+    pipe = load_pipeline(model, device=device)
     size = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     generator = torch.Generator(device=device).manual_seed(args.seed)
     image = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, height=size,
@@ -193,6 +172,59 @@ def command_sample(args) -> int:
     image.save(args.out)
     print(f"wrote {args.out}")
     return 0
+
+
+class HiddenFromProbe(importlib.abc.MetaPathFinder):
+    """While module `prober` runs its import-time checks for optional packages, the `hidden` ones look absent to
+    it (None in sys.modules); afterwards they import as usual for whoever imports them.
+
+    diffusers probes for bitsandbytes in diffusers.utils.import_utils and, when it is installed, imports it with
+    its quantizers in every process; importing bitsandbytes on a CPU with AVX512-BF16 asks the hub's
+    kernels-community for a 4-bit CPU kernel and, offline or without the `kernels` package, logs a warning. So
+    bitsandbytes runs (and may warn) only where it is used: --use-8bit-adam, --teacher-int8, a plug-in.
+    """
+
+    def __init__(self, prober: str, hidden: tuple[str, ...]):
+        self.prober, self.hidden = prober, hidden
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.prober:
+            return None
+        for finder in sys.meta_path:
+            spec = None if finder is self or not hasattr(finder, "find_spec") else finder.find_spec(name, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = ProbeWindow(spec.loader, self.hidden)
+                return spec
+        return None
+
+
+class ProbeWindow(importlib.abc.Loader):
+    """A module's own loader, with the `hidden` packages absent while the module runs."""
+
+    def __init__(self, loader, hidden: tuple[str, ...]):
+        self.loader, self.hidden = loader, hidden
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        absent = [name for name in self.hidden if name not in sys.modules]
+        sys.modules.update(dict.fromkeys(absent))  # find_spec(name) is None for these now
+        try:
+            self.loader.exec_module(module)
+        finally:
+            for name in absent:
+                if name in sys.modules and sys.modules[name] is None:
+                    del sys.modules[name]
+
+    def __getattr__(self, attribute):  # get_source, get_resource_reader, ...: the module's own loader answers
+        return getattr(self.loader, attribute)
+
+
+def hide_optional_packages_from_probes() -> None:
+    if not any(isinstance(finder, HiddenFromProbe) for finder in sys.meta_path):
+        sys.meta_path.insert(0, HiddenFromProbe("diffusers.utils.import_utils", ("bitsandbytes",)))
 
 
 def quiet_third_party_noise() -> None:
@@ -205,7 +237,7 @@ def quiet_third_party_noise() -> None:
 
         if not torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"  # deepspeed otherwise warns that it fell back to CPU
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    hide_optional_packages_from_probes()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,10 +6,14 @@ either spelling. Flags given on the command line override the file.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import SafepruneError
 
@@ -33,86 +37,115 @@ ZERO_STAGES = (0, 1, 2, 3)
 TEACHER_DTYPES = ("fp32", "bf16", "fp16")
 
 
+def setting(default: Any, help: str = "", *, choices: tuple | None = None, unset: str | None = None,
+            flag: bool = True) -> Any:
+    """A RunConfig field with what the CLI shows for it: its help, its allowed values (`choices`), what None or an
+    empty list means (`unset`, e.g. "5 x lr"); flag=False for the few fields that are no command-line flag."""
+    metadata = {"help": help, "choices": choices, "unset": unset, "flag": flag}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class RunConfig:
     """Settings of one prune -> bilevel fine-tune -> export run. Defaults follow METHOD.md's reference."""
 
-    out: str = "runs/default"
-    teacher: str | None = None  # StableDiffusionPipeline dir or hub id; None = built-in default
-    data: str | None = None  # imagefolder with metadata.jsonl; None = built-in default data
-    erase: list[str] = field(default_factory=list)  # concept prompts to suppress
-    erase_data: str | None = None  # imagefolder of concept images; None = teacher's own trajectories
-    # prompts whose trajectories feed the upper level when there are no concept images (default: --erase
-    # itself); e.g. full captions "a red circle by X" with --anchor strip keep the object and drop the style
-    erase_prompts: list[str] = field(default_factory=list)
-    # "empty" | "strip" (caption minus concept) | any other text = that prompt; a list gives each --erase its own
-    anchor: str | list[str] = "empty"
-    preserve: list[str] = field(default_factory=list)  # prompts whose outputs are held to the teacher's
-    preserve_weight: float = 1.0
+    out: str = setting("runs/default", "run directory: checkpoints, logs and the exported pipeline (RUN/pipeline)")
+    teacher: str | None = setting(None, "StableDiffusionPipeline directory (or hub id when online)",
+                                  unset="none, the built-in default run on the toy world")
+    data: str | None = setting(None, "image folder with metadata.jsonl lines {\"file_name\", \"text\"}",
+                               unset="the built-in default's data")
+    erase: list[str] = setting([], "concept prompt to suppress; repeat for several", unset="none")
+    erase_data: str | None = setting(None, "image folder of concept images", unset="the teacher's own sampling "
+                                     "trajectories")
+    # e.g. full captions "a red circle by X" with --anchor strip keep the object and drop the style
+    erase_prompts: list[str] = setting([], "a prompt whose teacher trajectories feed the upper level (repeatable)",
+                                       unset="the --erase prompts")
+    anchor: str | list[str] = setting("empty", "anchor for the concept: empty (the empty prompt) | strip (the "
+                                      "caption minus the concept) | any other text; repeat to give each --erase "
+                                      "its own")
+    preserve: list[str] = setting([], "a prompt whose outputs are held to the teacher's (repeatable)", unset="none")
+    preserve_weight: float = setting(1.0, "weight of holding the --preserve prompts")
 
-    prune_ratio: float | None = 0.5
-    target_macs: float | None = None  # fraction of teacher MACs; replaces prune_ratio when set
-    prune_importance: str = "l2"
-    prune_method: str = "magnitude"  # magnitude | taylor | bk-base | bk-small | bk-tiny | a plug-in's name
-    prune_calibration_batches: int = 4  # taylor: batches of --data that score the units
+    prune_ratio: float | None = setting(0.5, "fraction of internal width units removed, in (0, 1)")
+    target_macs: float | None = setting(None, "prune to this fraction of the teacher's MACs instead of a fixed "
+                                        "ratio (replaces --prune-ratio)", unset="off")
+    prune_importance: str = setting("l2", "magnitude pruning's importance", choices=("l2", "l1"))
+    prune_method: str = setting("magnitude", "pruning method: magnitude | taylor | bk-base | bk-small | bk-tiny "
+                                "(or a plug-in's name)")
+    prune_calibration_batches: int = setting(4, "taylor: batches of --data that score the units")
 
-    method: str = "bilevel"
-    steps: int = 1000
-    batch_size: int = 4
-    concept_batch_size: int | None = None  # None = batch_size
-    resolution: int | None = None  # None = the teacher's native size
-    lr: float = 1e-5
-    lr_upper: float | None = None  # None = 5 x lr (the reference code's ratio)
-    seed: int = 0
-    mixed_precision: str = "no"
-    device: str | None = None  # None = cuda when available
-    # fused Triton/CUDA/C++ ops in student and teacher UNets (safeprune_engine.patching.patch_unet); "auto" picks
-    # per call. Not an identity field: it changes speed, not what is computed (outputs agree within dtype
-    # tolerance), so a run may resume with other kernels. train() unpatches the UNets before returning them.
-    kernels: str = "off"
+    method: str = setting("bilevel", "how erasing and fine-tuning are combined", choices=METHODS)
+    steps: int = setting(1000, "training steps")
+    batch_size: int = setting(4, "data batch size per step (all ranks together)")
+    concept_batch_size: int | None = setting(None, "concept batch size of upper steps", unset="--batch-size")
+    resolution: int | None = setting(None, "image resolution in pixels", unset="the teacher's native size")
+    lr: float = setting(1e-5, "learning rate of the lower level")
+    lr_upper: float | None = setting(None, "learning rate of the upper level", unset="5 x lr, the reference code's "
+                                     "ratio")
+    seed: int = setting(0, "random seed")
+    mixed_precision: str = setting("no", "autocast dtype of training", choices=MIXED_PRECISION)
+    device: str | None = setting(None, "cpu | cuda | cuda:N", unset="cuda when available")
+    # "auto" picks per call. Not an identity field: it changes speed, not what is computed (outputs agree within
+    # dtype tolerance), so a run may resume with other kernels. train() unpatches the UNets before returning them.
+    kernels: str = setting("off", "fused ops in the student and teacher UNets", choices=KERNEL_MODES)
 
-    w_diff: float = 1.0
-    w_out: float = 2.0
-    w_feat: float = 0.1
-    snr_gamma: float | None = None
+    w_diff: float = setting(1.0, "weight of the diffusion loss")
+    w_out: float = setting(2.0, "weight of output distillation")
+    w_feat: float = setting(0.1, "weight of feature distillation")
+    snr_gamma: float | None = setting(None, "min-SNR gamma for the diffusion loss", unset="off")
 
-    erase_method: str = "esd-u"
-    eta: float = 1.0
-    bilevel_lambda: float = 100.0
-    bilevel_inner_steps: int = 20
-    upper_every: int = 10  # alternating: one upper step every N iterations
-    two_stage_erase_steps: int | None = None  # None = steps // 4
-    esd_pool_size: int = 64  # trajectory latents per concept when no concept images are given
-    esd_ddim_steps: int = 20
-    esd_guidance: float = 3.0
-    uce_when: str = "after"  # uce: closed-form edit "before" | "after" training or "every:N" steps
-    uce_lambda: float = 0.1  # uce: weight of keeping the matrices themselves
-    salun_base: str = "concept-ablation-model"  # salun: the gradient objective it restricts
-    salun_topk: float = 0.5  # salun: fraction of the base objective's weights the mask keeps
-    salun_batches: int = 4  # salun: concept batches the saliency is measured on
-    plugins: list[str] = field(default_factory=list)  # modules imported first (their decorators register plug-ins)
+    erase_method: str = setting("esd-u", "erasing objective: esd-u | esd-x | concept-ablation-model | "
+                                "concept-ablation-noise | uce | salun (or a plug-in's name)")
+    eta: float = setting(1.0, "ESD negative-guidance strength")
+    bilevel_lambda: float = setting(100.0, "bilevel penalty lambda: weight of the fine-tuning loss in the outer "
+                                    "step")
+    bilevel_inner_steps: int = setting(20, "bilevel: inner (lower) steps per outer step")
+    upper_every: int = setting(10, "alternating: one upper step every N iterations")
+    two_stage_erase_steps: int | None = setting(None, "two-stage: erase steps at the end", unset="steps // 4")
+    esd_pool_size: int = setting(64, "trajectory latents per concept when there is no --erase-data")
+    esd_ddim_steps: int = setting(20, "DDIM steps of the trajectory sampler")
+    esd_guidance: float = setting(3.0, "guidance scale of the trajectory sampler")
+    uce_when: str = setting("after", "uce: closed-form edit before | after training, or every:N steps")
+    uce_lambda: float = setting(0.1, "uce: weight of keeping the edited matrices close to their old values")
+    salun_base: str = setting("concept-ablation-model", "salun: the gradient objective whose updates the saliency "
+                              "mask restricts")
+    salun_topk: float = setting(0.5, "salun: fraction of the base objective's weights the mask keeps")
+    salun_batches: int = setting(4, "salun: concept batches the saliency is measured on")
+    plugins: list[str] = setting([], "a module to import first, whose decorators register plug-ins (repeatable)",
+                                 unset="none")
 
-    cache_dir: str | None = None  # latent / caption / trajectory cache; None = OUT/cache (fingerprinted, shareable)
-    checkpoint_every: int = 500  # 0 = only at the end
-    keep_checkpoints: int = 2
-    resume: str | None = None  # "latest" or a checkpoint directory
-    log_every: int = 10
-    progress: bool = True
+    cache_dir: str | None = setting(None, "where encoded latents, captions and trajectories are cached "
+                                    "(fingerprinted, shareable between runs)", unset="OUT/cache")
+    checkpoint_every: int = setting(500, "save a checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = setting(2, "checkpoints to keep")
+    resume: str | None = setting(None, "latest | CHECKPOINT_DIR", unset="start fresh")
+    log_every: int = setting(10, "log scalars every N steps")
+    progress: bool = setting(True, "progress bar")
 
     # scale: processes, ZeRO sharding and memory options (see safeprune_engine/distributed)
-    launcher: str | None = None  # "deepspeed" | "torchrun": start --nproc processes; None = this process
-    nproc: int = 1  # processes (ranks) the launcher starts on this machine
-    zero_stage: int = 0  # 0 = plain data parallel (DDP); 1/2/3 = DeepSpeed ZeRO for the student
-    teacher_zero3: bool = False  # shard the frozen teacher UNet across ranks as an optimizer-less ZeRO-3 engine
-    zero3_persistence_threshold: int | None = None  # ZeRO-3 keeps tensors below this size whole (None: 100000)
-    gradient_checkpointing: bool = False  # recompute student activations in backward
-    channels_last: bool = False  # NHWC memory format for student and teacher convolutions
-    use_8bit_adam: bool = False  # bitsandbytes AdamW8bit for every solver optimizer
-    teacher_int8: bool = False  # bitsandbytes int8 Linear layers in the teacher UNet
-    teacher_dtype: str | None = None  # "fp32" | "bf16" | "fp16"; None = the training dtype (--mixed-precision)
-    export_dtype: str = "fp32"  # dtype of the exported student pipeline's weights (fp32 masters, cast)
-    export_remote_code: bool = False  # also write the pruned UNet class into the exported unet folder (loads with trust_remote_code, no safeprune-engine needed)
-    version: int = CONFIG_VERSION
+    launcher: str | None = setting(None, "start --nproc processes on this machine", choices=LAUNCHERS,
+                                   unset="this process only")
+    nproc: int = setting(1, "processes (ranks) to start with --launcher")
+    zero_stage: int = setting(0, "DeepSpeed ZeRO stage of the student (0: plain data parallel)", choices=ZERO_STAGES)
+    teacher_zero3: bool = setting(False, "shard the frozen teacher across ranks (optimizer-less ZeRO-3 engine)")
+    zero3_persistence_threshold: int | None = setting(None, "ZeRO-3 keeps tensors with fewer elements whole",
+                                                      unset="100000")
+    gradient_checkpointing: bool = setting(False, "recompute student activations in backward (less memory, more "
+                                           "time)")
+    channels_last: bool = setting(False, "NHWC memory format for the UNets' convolutions")
+    use_8bit_adam: bool = setting(False, "bitsandbytes AdamW8bit states for every solver optimizer")
+    teacher_int8: bool = setting(False, "bitsandbytes int8 Linear layers in the teacher (the output error is "
+                                 "reported)")
+    teacher_dtype: str | None = setting(None, "dtype of the frozen teacher", choices=TEACHER_DTYPES,
+                                        unset="the --mixed-precision dtype")
+    export_dtype: str = setting("fp32", "weights of the exported pipeline (fp32 masters, cast)",
+                                choices=TEACHER_DTYPES)
+    export_remote_code: bool = setting(False, "also write the pruned UNet class into the exported unet folder, so the "
+                                       "pipeline loads with trust_remote_code where safeprune-engine is not "
+                                       "installed (width-pruned students)")
+    version: int = setting(CONFIG_VERSION, "config format version", flag=False)  # written, never a flag
 
     # ---- (de)serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -123,38 +156,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
-        known = {f.name for f in fields(cls)}
-        normalised = {}
-        for key, value in values.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                raise SafepruneError(f"unknown config key {key!r}; known keys: {', '.join(sorted(known))}")
-            normalised[name] = value
-        version = normalised.get("version", CONFIG_VERSION)
-        if version > CONFIG_VERSION:
-            raise SafepruneError(f"config version {version} is newer than this safeprune-engine ({CONFIG_VERSION})")
-        for key in ("erase", "erase_prompts", "preserve", "plugins"):
-            if isinstance(normalised.get(key), str):
-                normalised[key] = [normalised[key]]
-        if isinstance(normalised.get("anchor"), list) and len(normalised["anchor"]) == 1:
-            normalised["anchor"] = normalised["anchor"][0]  # one anchor for every concept: the plain form
-        return cls(**normalised)
+        """Settings by field name (or its dashed flag spelling); values are checked against the fields' types."""
+        return cls(**checked_settings(values, lambda key, part: ""))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "RunConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise SafepruneError(f"config file {path} does not exist")
-        text = path.read_text()
-        if path.suffix == ".json":
-            values = json.loads(text)
-        else:
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        if not isinstance(values, dict):
-            raise SafepruneError(f"config file {path} must hold a mapping of keys to values")
-        return cls.from_dict(values)
+        return cls(**read_config_file(path))
 
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)
@@ -293,3 +300,160 @@ class RunConfig:
             if value is not None and value % self.nproc:
                 raise SafepruneError(f"--{name.replace('_', '-')} {value} is the global batch and must split "
                                      f"evenly over --nproc {self.nproc} ranks")
+
+
+# ---- settings from files and mappings: every problem is one line naming where it is ------------------------
+Locate = Callable[[str, str], str]  # (field name, "key" | "value") -> "file:line:col" or "file" or ""
+
+
+@functools.cache
+def setting_type(name: str) -> tuple[type, bool, bool]:
+    """(value type, repeatable, optional) of a RunConfig field, read from its annotation.
+
+    repeatable: a list of values is accepted (``list[str]``, ``str | list[str]``); optional: None is accepted.
+    """
+    hint = typing.get_type_hints(RunConfig)[name]
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    kinds = [member for member in members if member is not type(None)]
+    repeatable = any(typing.get_origin(kind) is list for kind in kinds)
+    kind = next(typing.get_args(kind)[0] if typing.get_origin(kind) is list else kind for kind in kinds)
+    return kind, repeatable, len(kinds) < len(members)
+
+
+def flag_fields() -> list[dataclasses.Field]:
+    """RunConfig's fields that are flags of `safeprune run` (every field not declared with flag=False)."""
+    return [f for f in fields(RunConfig) if f.metadata.get("flag", True)]
+
+
+def default_text(f: dataclasses.Field) -> str:
+    """A field's default as --help shows it: the value, or what None or an empty list stands for."""
+    value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if value is None or value == []:
+        return f.metadata.get("unset") or "none"
+    return str(value)
+
+
+def checked_value(name: str, value: Any) -> Any:
+    """value as RunConfig field `name` holds it, or a SafepruneError saying what the field takes."""
+    kind, repeatable, optional = setting_type(name)
+    if value is None and optional:
+        return None
+    if repeatable:
+        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+            return value
+        raise SafepruneError(f"{name} must be a string or a list of strings, got {value!r}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise SafepruneError(f"{name} must be true or false, got {value!r}")
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as text
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if kind is str and isinstance(value, str):
+        return value
+    what = {int: "an integer", float: "a number", str: "a string"}[kind]
+    hint = " (YAML reads unquoted no/yes/off/on as booleans: quote the value)" if isinstance(value, bool) else ""
+    raise SafepruneError(f"{name} must be {what}, got {value!r}{hint}")
+
+
+def checked_settings(values: dict, locate: Locate) -> dict[str, Any]:
+    """values by RunConfig field name: keys in either spelling (prune_ratio / prune-ratio), checked types,
+    a single text where a list is expected becomes a one-item list."""
+    known = [f.name for f in fields(RunConfig)]
+    settings: dict[str, Any] = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(sorted(known))}"
+            raise SafepruneError(f"{locate(name, 'key')}unknown config key {key!r}{hint}")
+        try:
+            settings[name] = checked_value(name, value)
+        except SafepruneError as error:
+            raise SafepruneError(f"{locate(name, 'value')}{error}") from None
+    version = settings.get("version", CONFIG_VERSION)
+    if version > CONFIG_VERSION:
+        raise SafepruneError(f"{locate('version', 'value')}config version {version} is newer than this "
+                             f"safeprune-engine ({CONFIG_VERSION})")
+    for name, value in settings.items():
+        if isinstance(value, str) and setting_type(name)[1] and name != "anchor":
+            settings[name] = [value]
+    if isinstance(settings.get("anchor"), list) and len(settings["anchor"]) == 1:
+        settings["anchor"] = settings["anchor"][0]  # one anchor for every concept: the plain form
+    return settings
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The settings of a YAML or JSON (*.json) config file, checked: syntax errors and bad keys or values are
+    one SafepruneError line that starts with ``file:line:column:`` (just ``file:`` where JSON has no position)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SafepruneError(f"config file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise SafepruneError(f"config file {path} cannot be read: {error}") from None
+    values, marks = _parse_json(path, text) if path.suffix == ".json" else _parse_yaml(path, text)
+    if not isinstance(values, dict):
+        raise SafepruneError(f"{path}: a config file holds a mapping of keys to values, got a "
+                             f"{type(values).__name__}")
+
+    def locate(name: str, part: str) -> str:
+        mark = marks.get((name, part))
+        return f"{path}:{mark[0]}:{mark[1]}: " if mark else f"{path}: "
+
+    return checked_settings(values, locate)
+
+
+def _parse_json(path: Path, text: str) -> tuple[Any, dict]:
+    def no_repeats(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key.replace("-", "_") in seen:
+                raise SafepruneError(f"{path}: key {key!r} is given twice")
+            seen.add(key.replace("-", "_"))
+        return dict(pairs)
+
+    try:
+        return json.loads(text, object_pairs_hook=no_repeats), {}
+    except json.JSONDecodeError as error:
+        raise SafepruneError(f"{path}:{error.lineno}:{error.colno}: JSON syntax error: {error.msg}") from None
+
+
+def _parse_yaml(path: Path, text: str) -> tuple[Any, dict]:
+    """The document and, for a top-level mapping, 1-based (line, column) of each key and value."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        values = loader.construct_document(node) if node is not None else {}
+    except yaml.MarkedYAMLError as error:
+        # a construct left open (a bracket, a quote) is reported where it starts; the problem's place follows
+        mark = error.context_mark or error.problem_mark
+        what = ", ".join(part for part in (error.context, error.problem) if part)
+        if error.context_mark and error.problem_mark:
+            what += f" at line {error.problem_mark.line + 1}, column {error.problem_mark.column + 1}"
+        kind = "YAML error" if isinstance(error, yaml.constructor.ConstructorError) else "YAML syntax error"
+        raise SafepruneError(f"{path}:{mark.line + 1}:{mark.column + 1}: {kind}: {what}") from None
+    except yaml.YAMLError as error:
+        raise SafepruneError(f"{path}: YAML error: {' '.join(str(error).split())}") from None
+    finally:
+        loader.dispose()
+    marks: dict[tuple[str, str], tuple[int, int]] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            name = str(key_node.value).replace("-", "_")
+            at = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            if (name, "key") in marks:
+                raise SafepruneError(f"{path}:{at[0]}:{at[1]}: key {key_node.value!r} is given twice")
+            marks[name, "key"] = at
+            marks[name, "value"] = (value_node.start_mark.line + 1, value_node.start_mark.column + 1)
+    return values, marks

@@ -172,3 +172,170 @@ def test_resume_from_a_checkpoint_of_another_architecture(world, tmp_path, capsy
     args = run_args(world, tmp_path / "second", "--resume", str(checkpoint), steps=4)
     args[args.index("--prune-ratio") + 1] = "0.25"
     fails_cleanly(args, capsys, "other settings", tmp_path / "second")
+
+
+# ---- config files: one line naming file:line:column, exit 2, no run directory -------------------------------
+@pytest.mark.parametrize("name,text,expected", [
+    ("bad.yaml", "steps: [unclosed\n", "bad.yaml:1:8: YAML syntax error"),
+    ("bad.yaml", "steps: 2\n  method: bilevel\n", "bad.yaml:2:9: YAML syntax error"),
+    ("bad.json", '{"steps": 2,}', "bad.json:1:13: JSON syntax error"),
+    ("list.yaml", "- steps\n- 2\n", "list.yaml: a config file holds a mapping of keys to values, got a list"),
+    ("typo.yaml", "method: bilevel\nstpes: 3\n", "typo.yaml:2:1: unknown config key 'stpes' (did you mean 'steps'?)"),
+    ("twice.yaml", "steps: 3\nsteps: 4\n", "twice.yaml:2:1: key 'steps' is given twice"),
+    ("type.yaml", "steps: many\n", "type.yaml:1:8: steps must be an integer, got 'many'"),
+    ("type.yaml", "erase: [a, 3]\n", "type.yaml:1:8: erase must be a string or a list of strings, got ['a', 3]"),
+    ("bool.yaml", "mixed_precision: no\n", "bool.yaml:1:18: mixed_precision must be a string, got False (YAML reads"),
+    ("bad.json", '{"steps": "many"}', "bad.json: steps must be an integer, got 'many'"),
+])
+def test_bad_config_file_is_one_located_line(tmp_path, capsys, name, text, expected):
+    config_file = tmp_path / name
+    config_file.write_text(text)
+    out = tmp_path / "out"
+    assert main(["run", "--config", str(config_file), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"safeprune: error: {tmp_path}/{expected}"), err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_config_file_values_as_yaml_writes_them(tmp_path):
+    """YAML 1.1 reads 1e-5 as a string; float settings take it as the number a user meant."""
+    from safeprune_engine.config import RunConfig
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("lr: 1e-5\nbilevel_lambda: 3\nerase: by monet\nmixed_precision: 'no'\n")
+    config = RunConfig.from_file(config_file)
+    assert (config.lr, config.bilevel_lambda, config.erase, config.mixed_precision) == (1e-5, 3.0, ["by monet"], "no")
+    assert isinstance(config.bilevel_lambda, float)
+
+
+def test_bad_config_file_in_a_fresh_process_prints_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    config_file = tmp_path / "bad.yaml"
+    config_file.write_text("steps: [unclosed\n")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "safeprune_engine.cli", "run", "--config", str(config_file),
+                             "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"safeprune: error: {config_file}:1:8: YAML syntax error"), result.stderr
+    assert result.stderr.count("\n") == 1 and not out.exists()
+
+
+def test_every_setting_round_trips_through_a_json_file_as_the_launcher_writes_it(tmp_path):
+    """The launcher hands ranks their settings as a JSON file; the checked reader must take every value back."""
+    from safeprune_engine.config import RunConfig
+
+    config = RunConfig(teacher="t", erase=["a", "b"], anchor=["x", "y"], lr=3e-4, lr_upper=2e-3, steps=7,
+                       mixed_precision="bf16", teacher_int8=True, zero3_persistence_threshold=10, bilevel_lambda=2.5)
+    config_file = tmp_path / "run_config.json"
+    config_file.write_text(config.to_json())
+    assert RunConfig.from_file(config_file) == config
+    yaml_file = tmp_path / "run_config.yaml"
+    import yaml
+
+    yaml_file.write_text(yaml.safe_dump(config.to_dict()))
+    assert RunConfig.from_file(yaml_file) == config
+
+
+# ---- sample --model: a pipeline directory or the run directory `safeprune run --out` printed -----------------
+def sample(model, png, seed):
+    return main(["sample", "--model", str(model), "--prompt", "a red square", "--out", str(png), "--steps", "2",
+                 "--size", "16", "--device", "cpu", "--seed", str(seed)])
+
+
+def test_sample_takes_a_run_directory_or_its_pipeline(world, tmp_path):
+    import random
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    run = tmp_path / "run"
+    shutil.copytree(world["teacher"], run / "pipeline")
+    (run / "run_config.json").write_text("{}")
+    seed = random.randrange(2**31)
+    assert sample(run, tmp_path / "from-run.png", seed) == 0
+    assert sample(run / "pipeline", tmp_path / "from-pipeline.png", seed) == 0
+    from_run, from_pipeline = (np.asarray(Image.open(tmp_path / f"from-{n}.png")) for n in ("run", "pipeline"))
+    assert from_run.shape == (16, 16, 3) and from_run.std() > 0
+    assert np.array_equal(from_run, from_pipeline)  # the run directory's own pipeline, same seed: same image
+
+
+def test_sample_in_the_built_in_default_out_dir_names_its_runs(world, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "default"  # runs/default: one run directory per method, then the report
+    for method in ("distill-only", "two-stage", "bilevel"):
+        shutil.copytree(world["teacher"], root / method / "pipeline")
+    (root / "metrics.json").write_text("{}")
+    assert sample(root / "bilevel", tmp_path / "bilevel.png", 0) == 0
+    capsys.readouterr()
+    png = tmp_path / "root.png"
+    assert sample(root, png, 0) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"--model {root} holds run directories, one per method; choose one" in err, err
+    for method in ("distill-only", "two-stage", "bilevel"):
+        assert str(root / method) in err, err
+    assert not png.exists()
+
+
+@pytest.mark.parametrize("layout,expected", [
+    ("missing", "does not exist"),
+    ("empty", "is neither a pipeline directory (no model_index.json) nor a run directory"),
+    ("unfinished", "is a run directory without an exported pipeline"),
+    ("file", "is neither a pipeline directory"),
+])
+def test_sample_model_that_is_no_pipeline(tmp_path, capsys, layout, expected):
+    model = tmp_path / "model"
+    if layout == "empty":
+        model.mkdir()
+    elif layout == "unfinished":  # a run that stopped before its export
+        (model / "checkpoints").mkdir(parents=True)
+        (model / "run_config.json").write_text("{}")
+    elif layout == "file":
+        model.write_text("not a pipeline")
+    png = tmp_path / "x.png"
+    assert sample(model, png, 0) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"safeprune: error: --model {model} ") and expected in err, err
+    assert err.count("\n") == 1 and not png.exists()
+
+
+# ---- bitsandbytes (and its hub lookup of a 4-bit CPU kernel) only in runs that use it ------------------------
+def cli_in_a_fresh_process(*args, cwd):
+    """stderr of `python -X importtime -m safeprune_engine.cli ...`: the run's own messages plus one line per
+    module the process executed."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "safeprune_engine.cli", *map(str, args)],
+                            capture_output=True, text=True, cwd=cwd, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    executed = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    own = "\n".join(line for line in result.stderr.splitlines() if not line.startswith("import time:"))
+    return executed, own
+
+
+@pytest.mark.parametrize("command", ["sample", "prune"])
+def test_plain_commands_do_not_load_bitsandbytes_or_print_its_warnings(world, tmp_path, command):
+    if command == "sample":
+        args = ["sample", "--model", world["teacher"], "--prompt", "a red square", "--out", tmp_path / "x.png",
+                "--steps", "2", "--size", "16", "--device", "cpu"]
+    else:
+        args = ["prune", "--teacher", world["teacher"], "--prune-ratio", "0.5", "--out", tmp_path / "pruned",
+                "--latency-repeats", "1", "--device", "cpu"]
+    executed, own = cli_in_a_fresh_process(*args, cwd=tmp_path)
+    assert "diffusers.models.modeling_utils" in executed  # the command did load diffusers' models
+    assert not sorted(name for name in executed if name.startswith("bitsandbytes."))
+    assert "kernels-community" not in own and "Traceback" not in own, own
+
+
+def test_8bit_runs_still_load_bitsandbytes(world, tmp_path):
+    executed, own = cli_in_a_fresh_process(*run_args(world, tmp_path / "out", "--use-8bit-adam", steps=1),
+                                           cwd=tmp_path)
+    assert {"bitsandbytes.optim", "bitsandbytes.functional"} <= executed
+    assert "Traceback" not in own and (tmp_path / "out" / "pipeline" / "model_index.json").is_file()
