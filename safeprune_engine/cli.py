@@ -129,37 +129,14 @@ def command_run(args) -> int:
     return 0
 
 
-def pipeline_dir(model: str) -> "Path":
-    """The pipeline directory --model names: a pipeline directory itself, or a run directory (the --out of
-    `safeprune run`, whose student is exported to RUN/pipeline)."""
-    from pathlib import Path
-
-    path = Path(model)
-    if not path.exists():
-        raise SafepruneError(f"--model {model} does not exist")
-    if (path / "model_index.json").is_file():
-        return path
-    if (path / "pipeline" / "model_index.json").is_file():
-        return path / "pipeline"
-    if (path / "run_config.json").is_file():
-        raise SafepruneError(f"--model {model} is a run directory without an exported pipeline yet (its run has "
-                             "not finished; continue it with `safeprune run ... --resume latest`)")
-    # the built-in default's --out holds one run directory per method
-    runs = sorted(str(index.parent.parent) for index in path.glob("*/pipeline/model_index.json"))
-    if runs:
-        raise SafepruneError(f"--model {model} holds run directories, one per method; choose one: {', '.join(runs)}")
-    raise SafepruneError(f"--model {model} is neither a pipeline directory (no model_index.json) nor a run "
-                         "directory (no pipeline/model_index.json)")
-
-
 def command_sample(args) -> int:
     from pathlib import Path
 
     import torch
 
-    from .models.export import load_pipeline
+    from .models.export import load_pipeline, resolve_pipeline_dir
 
-    model = pipeline_dir(args.model)
+    model = resolve_pipeline_dir(args.model)
     if not args.prompt.strip():
         raise SafepruneError("--prompt is empty")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -198,19 +198,28 @@ def test_evaluate_on_a_tiny_pipeline_reports_every_metric(pipelines, tmp_path):
     assert {p.name for p in grids} >= {"model_erased.png", "reference_erased.png", "real_erased.png"}
 
 
-def test_cli_eval_on_a_tiny_pipeline_writes_json(tiny_pipeline_dir, tmp_path, capsys):
+@pytest.mark.parametrize("given", ["pipeline dir", "run dir"])
+def test_cli_eval_on_a_tiny_pipeline_writes_json(tiny_pipeline_dir, tmp_path, capsys, given):
+    """--model takes a pipeline directory or the run directory `safeprune run` printed (its RUN/pipeline)."""
+    import shutil
+
     from safeprune_engine.eval.prompts import save_prompts
 
+    model = tiny_pipeline_dir
+    if given == "run dir":
+        model = tmp_path / "run"
+        shutil.copytree(tiny_pipeline_dir, model / "pipeline")
+        (model / "run_config.json").write_text("{}")
     prompts = save_prompts(PIPE_PROMPTS[:3], tmp_path / "p.jsonl")
     out = tmp_path / "eval.json"
-    code = main(["eval", "--model", str(tiny_pipeline_dir), "--prompts", str(prompts), "--judge", "toy",
+    code = main(["eval", "--model", str(model), "--prompts", str(prompts), "--judge", "toy",
                  "--samples-per-prompt", "2", "--steps", "2", "--seed", "3", "--out", str(out), "--device", "cpu"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "erased-concept rate" in printed and "UNet MACs" in printed
     data = json.loads(out.read_text())
     assert data["settings"]["seeds"] == [3, 4] and data["settings"]["judge"] == "toy"
-    assert data["model"]["name"] == str(tiny_pipeline_dir) and data["reference"] is None
+    assert data["model"]["name"] == str(model) and data["reference"] is None
     assert 0 <= data["model"]["metrics"]["erased_rate"] <= 1
 
 
@@ -299,7 +308,7 @@ def test_cli_eval_bad_inputs_give_one_clear_error(tmp_path, fake_model, capsys):
     prompts = toy_prompt_file(tmp_path / "p.json")
     cases = [
         (["--model", tmp_path / "nope", "--prompts", prompts], "--model .*nope does not exist"),
-        (["--model", tmp_path, "--prompts", prompts], "is not a pipeline directory"),
+        (["--model", tmp_path, "--prompts", prompts], "is neither a pipeline directory .* nor a run directory"),
         (["--model", fake_model, "--reference", tmp_path / "nope"], "--reference .*does not exist"),
         (["--model", fake_model, "--prompts", tmp_path / "missing.json"], "prompts file .*missing.json does not exist"),
         (["--model", fake_model, "--prompts", "bogus"], "prompts file bogus does not exist .*prompt set: .*toy"),

@@ -14,9 +14,9 @@ EVAL_HELP = "measure erased-concept rate, content, neighbour and unrelated accur
 def register(subparsers) -> None:
     parser = subparsers.add_parser("eval", help=EVAL_HELP, description=EVAL_HELP + " of a pipeline.")
     parser.add_argument("--model", required=True, metavar="DIR",
-                        help="pipeline directory to evaluate (e.g. RUN/pipeline)")
+                        help="pipeline directory, or the run directory `safeprune run` wrote (its RUN/pipeline)")
     parser.add_argument("--reference", default=None, metavar="DIR",
-                        help="pipeline directory to report side by side (the teacher)")
+                        help="pipeline (or run) directory to report side by side (e.g. the teacher)")
     parser.add_argument("--prompts", default="toy", metavar="FILE|NAME",
                         help="prompt file (JSON list or JSONL of {\"prompt\", \"set\", labels...}) or the name of "
                              "a registered prompt set (default: toy, the built-in toy prompt set)")
@@ -36,18 +36,6 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=command_eval)
 
 
-def _check_pipeline_dir(path: str, flag: str) -> None:
-    from pathlib import Path
-
-    from ..errors import SafepruneError
-
-    root = Path(path)
-    if not root.exists():
-        raise SafepruneError(f"{flag} {path} does not exist")
-    if not (root / "model_index.json").is_file():
-        raise SafepruneError(f"{flag} {path} is not a pipeline directory (no model_index.json)")
-
-
 def command_eval(args) -> int:
     import logging
 
@@ -56,10 +44,11 @@ def command_eval(args) -> int:
     from .prompts import resolve_prompts
     from .runner import DEFAULT_GUIDANCE, evaluate
 
+    from ..models.export import resolve_pipeline_dir
+
     # every input is checked before anything is loaded or sampled
-    _check_pipeline_dir(args.model, "--model")
-    if args.reference is not None:
-        _check_pipeline_dir(args.reference, "--reference")
+    model_dir = resolve_pipeline_dir(args.model, "--model")
+    reference_dir = resolve_pipeline_dir(args.reference, "--reference") if args.reference is not None else None
     for name in ("samples_per_prompt", "steps", "batch_size", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SafepruneError(f"--{name.replace('_', '-')} must be >= 1")
@@ -74,8 +63,8 @@ def command_eval(args) -> int:
         torch.set_num_threads(args.threads)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_pipeline(args.model, device=device)
-    reference = load_pipeline(args.reference, device=device) if args.reference is not None else None
+    model = load_pipeline(model_dir, device=device)
+    reference = load_pipeline(reference_dir, device=device) if reference_dir is not None else None
     logging.getLogger(__name__).info("evaluating %d prompts x %d samples with the %s judge", len(prompts),
                                      args.samples_per_prompt, judge.name)
     result = evaluate(model, prompts, judge=judge, samples_per_prompt=args.samples_per_prompt, steps=args.steps,

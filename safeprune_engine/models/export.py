@@ -105,6 +105,27 @@ def ships_unet_code(path: str | os.PathLike) -> bool:
     return index_path.is_file() and json.loads(index_path.read_text()).get("unet", [None])[0] == REMOTE_CODE_MODULE
 
 
+def resolve_pipeline_dir(path: str | os.PathLike, flag: str = "--model") -> Path:
+    """The pipeline directory a user names: a pipeline directory itself, or a run directory (the --out of
+    `safeprune run`, whose student is exported to RUN/pipeline). Raises SafepruneError naming `flag` otherwise."""
+    given = Path(path)
+    if not given.exists():
+        raise SafepruneError(f"{flag} {path} does not exist")
+    if (given / "model_index.json").is_file():
+        return given
+    if (given / "pipeline" / "model_index.json").is_file():
+        return given / "pipeline"
+    if (given / "run_config.json").is_file():
+        raise SafepruneError(f"{flag} {path} is a run directory without an exported pipeline yet (its run has "
+                             "not finished; continue it with `safeprune run ... --resume latest`)")
+    # the built-in default's --out holds one run directory per method
+    runs = sorted(str(index.parent.parent) for index in given.glob("*/pipeline/model_index.json"))
+    if runs:
+        raise SafepruneError(f"{flag} {path} holds run directories, one per method; choose one: {', '.join(runs)}")
+    raise SafepruneError(f"{flag} {path} is neither a pipeline directory (no model_index.json) nor a run "
+                         "directory (no pipeline/model_index.json)")
+
+
 def load_pipeline(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Load an exported (or any local) StableDiffusionPipeline directory without touching the network.
 
