@@ -10,7 +10,8 @@ from safeprune_engine.data.imagefolder import ImageFolder
 from safeprune_engine.models.teacher import bundle_from_pipeline
 from safeprune_engine.prune.width import prune
 from safeprune_engine.testing import tiny_pipeline, write_image_folder
-from safeprune_engine.trainer import build_engine
+from safeprune_engine.memory import optimizer_factory
+from safeprune_engine.run.builder import build_engine
 
 CAPTIONS = ["a red square", "a blue square", "a green square", "a yellow square"] * 2
 
@@ -22,12 +23,11 @@ def make_engine(tmp_path, method="bilevel", erase_method="esd-u", prediction_typ
     settings = dict(out=str(tmp_path / "run"), erase=["by monet"], method=method, erase_method=erase_method,
                     batch_size=2, concept_batch_size=2, resolution=16, steps=8, bilevel_inner_steps=1,
                     upper_every=2, two_stage_erase_steps=4, esd_pool_size=4, esd_ddim_steps=3, progress=False,
-                    lr=1e-3)
+                    lr=1e-3, device="cpu")
     settings.update(overrides)
     config = RunConfig(**settings).validate()
-    engine = build_engine(config, teacher, student, folder, tmp_path / "cache", latent_size=8, device="cpu",
-                          progress=False)
-    return engine, build_solver(engine, config), teacher
+    engine = build_engine(config, teacher, student, folder, tmp_path / "cache", latent_size=8, progress=False)
+    return engine, build_solver(engine, config, optimizer_factory(config)), teacher
 
 
 def count_calls(module, counter, key):
@@ -224,9 +224,8 @@ def test_feature_projections_when_student_block_widths_differ(tmp_path):
     student = tiny_unet(seed=1, block_out_channels=(16, 32), norm_num_groups=4)
     folder = ImageFolder(write_image_folder(tmp_path / "data", CAPTIONS, size=16))
     config = RunConfig(out=str(tmp_path / "run"), method="distill-only", batch_size=2, resolution=16,
-                       progress=False).validate()
-    engine = build_engine(config, teacher, student, folder, tmp_path / "cache", latent_size=8, device="cpu",
-                          progress=False)
+                       progress=False, device="cpu").validate()
+    engine = build_engine(config, teacher, student, folder, tmp_path / "cache", latent_size=8, progress=False)
     assert len(engine.projections.projections) == 5  # every tapped block differs in width
     solver = build_solver(engine, config)
     before = {n: p.detach().clone() for n, p in engine.projections.named_parameters()}
