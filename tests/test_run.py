@@ -106,3 +106,26 @@ def test_the_run_package_is_also_the_api_function(tmp_path):
         sp.run(RunConfig(out=str(tmp_path / "a")))
     with pytest.raises(SafepruneError, match="no teacher"):
         sp.train(out=str(tmp_path / "b"))
+
+
+def test_builtin_default_runs_under_the_launcher(tmp_path, monkeypatch):
+    """The built-in default fills in its settings before it calls the run, so `safeprune run --launcher torchrun
+    --nproc 2` without --teacher starts ranks that load and prune the shipped teacher themselves (it used to pass
+    its in-memory teacher to train(), which --launcher refuses)."""
+    import json
+
+    from safeprune_engine.toy.default_run import run_default
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "default"
+    run_default(RunConfig(out=str(out), progress=False, launcher="torchrun", nproc=2, steps=2, device="cpu"),
+                methods=("distill-only",), eval_samples=1, eval_steps=2, finetune_images=24,
+                explicit={"launcher", "nproc", "steps", "device"})
+    summary = json.loads((out / "distill-only" / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["steps_run"] == 2
+    checksums = summary["rank_weight_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert (out / "metrics.json").is_file()

@@ -95,13 +95,13 @@ class UnlearnObjective(abc.ABC):
         """Called once when the TrainingEngine is built (student, teacher, concept source and prompts ready)."""
 
     def on_train_start(self, engine, start_step: int) -> None:
-        """Called by the trainer before the first step it runs (start_step > 0 when resuming)."""
+        """Called by the run before the first step it runs (start_step > 0 when resuming)."""
 
     def on_step_end(self, engine, steps_done: int) -> None:
-        """Called by the trainer after each step; steps_done counts from 1."""
+        """Called by the run after each step; steps_done counts from 1."""
 
     def on_train_end(self, engine) -> None:
-        """Called by the trainer after the last step, before the final checkpoint and export."""
+        """Called by the run after the last step, before the final checkpoint and export."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors a checkpoint must keep to resume bit-for-bit (loaded with weights_only=True)."""
