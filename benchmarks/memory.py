@@ -97,18 +97,18 @@ def rank_worker(args) -> None:
     import torch
 
     from safeprune_engine.config import RunConfig
-    from safeprune_engine.distributed import session as session_module
     from safeprune_engine.distributed.runtime import current_context
     from safeprune_engine.distributed.teacher import local_parameter_bytes
-    from safeprune_engine.trainer import train
+    from safeprune_engine.run import session as session_module
+    from safeprune_engine.run import train
 
     teacher_dir, data_dir, result_dir = args.rank_worker
     device = torch.device(args.device)
     captured = {}
     original = session_module.DistributedSession.build_solver
 
-    def build_solver(self, engine, config):
-        solver = original(self, engine, config)
+    def build_solver(self, engine, config, make_optimizer):
+        solver = original(self, engine, config, make_optimizer)
         step = solver.step
         probe = harness.MemoryProbe(torch.device(self.device))
 

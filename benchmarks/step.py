@@ -184,24 +184,26 @@ def write_folders(workdir: Path, resolution: int, seed: int) -> tuple[Path, Path
 
 # ---- one variant (runs in its own process) ---------------------------------------------------------------
 def build_ours(args, bundle, student, device, workdir: Path, method: str):
-    """Our engine as the trainer builds it: latent cache (encoders run once, here), engine, solver."""
+    """Our engine as a run builds it: latent cache (encoders run once, here), engine, solver."""
     from safeprune_engine.bilevel.solvers import build_solver
     from safeprune_engine.config import RunConfig
     from safeprune_engine.data.imagefolder import ImageFolder
-    from safeprune_engine.trainer import build_engine
+    from safeprune_engine.memory import optimizer_factory
+    from safeprune_engine.run.builder import build_engine
 
     settings = dict(out=str(workdir / "run"), method=method, batch_size=args.batch_size, resolution=args.resolution,
                     seed=args.seed, mixed_precision=args.mixed_precision, lr=1e-6, progress=False,
-                    bilevel_inner_steps=args.period - 1, upper_every=args.period, erase_method="esd-u")
+                    bilevel_inner_steps=args.period - 1, upper_every=args.period, erase_method="esd-u",
+                    device=str(device))
     if method != "distill-only":
         settings.update(erase=[CONCEPT], erase_data=str(workdir / "concepts"))
     config = RunConfig(**settings).validate()
     # the cache pass (setup, not timed) runs the encoders on the device; they then wait on the CPU, as in a run
     bundle.vae.to(device), bundle.text_encoder.to(device)
     engine = build_engine(config, bundle, student, ImageFolder(workdir / "data"), workdir / "cache",
-                          latent_size=args.resolution // 8, device=device, progress=False)
+                          latent_size=args.resolution // 8, progress=False)
     bundle.vae.to("cpu"), bundle.text_encoder.to("cpu")
-    return engine, build_solver(engine, config)
+    return engine, build_solver(engine, config, optimizer_factory(config))
 
 
 def build_reference(args, bundle, student, device, workdir: Path):
@@ -387,7 +389,7 @@ def engine_fingerprint() -> dict:
 
     files = sorted((ROOT / "safeprune_engine").glob("bilevel/*.py")) + sorted(
         (ROOT / "safeprune_engine").glob("distill/*.py")) + sorted((ROOT / "safeprune_engine").glob("unlearn/*.py")) + [
-        ROOT / "safeprune_engine" / "trainer.py", ROOT / "safeprune_engine" / "data" / "cache.py"]
+        ROOT / "safeprune_engine" / "data" / "cache.py"] + sorted((ROOT / "safeprune_engine").glob("run/*.py"))
     digest = hashlib.sha256()
     for path in files:
         if path.is_file():

@@ -62,7 +62,7 @@ def main() -> None:
     from safeprune_engine.models.teacher import load_teacher
     from safeprune_engine.prune.base import prune_unet
     from safeprune_engine.toy.default_run import materialize_toy_data, toy_defaults
-    from safeprune_engine.trainer import train
+    from safeprune_engine.run import train
 
     overrides = parse_overrides(args.overrides)
     work = Path(args.work)

@@ -16,12 +16,12 @@ def train(config: RunConfig | None = None, teacher=None, student=None, **overrid
     """Run one configured job (prune -> cache -> bilevel phase -> export); keyword overrides patch the config.
 
     teacher: an in-memory TeacherBundle to use instead of loading config.teacher; student: an already pruned
-    UNet to train instead of pruning. Returns a TrainResult (student, pipeline_dir, history, prune_report).
+    UNet to train instead of pruning. Neither is changed. Returns a TrainResult (student, pipeline_dir, history,
+    prune_report). Without a teacher, the built-in toy default is safeprune_engine.toy.run_default.
     """
-    from .trainer import train as run_training
+    from .run.job import train as run_training
 
-    config = (config or RunConfig()).replace(**overrides) if overrides else (config or RunConfig())
-    return run_training(config, teacher=teacher, student=student)
+    return run_training(config, teacher=teacher, student=student, **overrides)
 
 
 run = train

@@ -1,12 +1,11 @@
 """Memory options of a run: 8-bit optimizer states, an int8 or lower-precision teacher, gradient checkpointing and
-channels-last convolutions. Each is one function; the trainer (single process) and the distributed engine both
-call them, so an option means the same thing with one rank or many.
+channels-last convolutions. Each is one function; the run's one engine builder calls them for one rank or many, so
+an option means the same thing either way.
 """
 from __future__ import annotations
 
 import json
 import logging
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,6 +28,12 @@ def require_bitsandbytes(option: str):
 
 
 # ---- optimizer states ----------------------------------------------------------------------------------------
+def adamw(params, lr: float) -> torch.optim.Optimizer:
+    """torch AdamW with its defaults; foreach=False keeps CPU runs bit-reproducible across resume regardless of
+    how tensors are grouped."""
+    return torch.optim.AdamW(params, lr=lr, foreach=False)
+
+
 def adamw_8bit(params, lr: float) -> torch.optim.Optimizer:
     """bitsandbytes AdamW8bit with torch AdamW's defaults (betas 0.9/0.999, eps 1e-8, weight decay 0.01).
 
@@ -39,17 +44,10 @@ def adamw_8bit(params, lr: float) -> torch.optim.Optimizer:
     return bnb.optim.AdamW8bit(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 
 
-@contextmanager
-def solver_optimizers(config):
-    """While inside, solvers.make_adamw builds the optimizer the config asks for (AdamW8bit with
-    --use-8bit-adam, else torch AdamW)."""
-    from .bilevel.solvers import ADAMW_FACTORY
-
-    token = ADAMW_FACTORY.set(adamw_8bit if config.use_8bit_adam else None)
-    try:
-        yield
-    finally:
-        ADAMW_FACTORY.reset(token)
+def optimizer_factory(config):
+    """The optimizer every solver optimizer is built with, as (params, lr) -> optimizer: bitsandbytes AdamW8bit
+    with --use-8bit-adam, else torch AdamW. The run passes it to the solver's constructor."""
+    return adamw_8bit if config.use_8bit_adam else adamw
 
 
 # ---- precisions ------------------------------------------------------------------------------------------------
@@ -60,6 +58,13 @@ def teacher_precision(config) -> str:
 
 def teacher_torch_dtype(config) -> torch.dtype:
     return DTYPES[teacher_precision(config)]
+
+
+def cast_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast in place, only when needed (diffusers warns on every .to(dtype), even a no-op one)."""
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    return module
 
 
 # ---- activations and layouts -----------------------------------------------------------------------------------

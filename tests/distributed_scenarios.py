@@ -25,7 +25,7 @@ def main() -> None:
     from safeprune_engine.config import RunConfig
     from safeprune_engine.distributed.runtime import current_context
     from safeprune_engine.distributed.teacher import local_parameter_bytes
-    from safeprune_engine.trainer import train
+    from safeprune_engine.run import train
 
     teacher, data, base = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     scenarios = sys.argv[4:]
@@ -58,7 +58,7 @@ def main() -> None:
                 student.save_pretrained(base / f"{name}-initial", safe_serialization=True)
         result = train(config, teacher=teacher_bundle, student=student)
         fact = {"steps_run": result.steps_run}
-        engine_teacher = result.teacher.unet
+        engine_teacher = result.teacher_unet
         fact["teacher_local_bytes"] = local_parameter_bytes(engine_teacher)
         fact["teacher_whole_bytes"] = sum(
             (p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size() for p in engine_teacher.parameters())

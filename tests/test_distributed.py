@@ -334,7 +334,7 @@ def test_deepspeed_configs():
 
 
 def test_launch_commands():
-    from safeprune_engine.distributed.launcher import launch_command
+    from safeprune_engine.run.launcher import launch_command
 
     torchrun = launch_command(RunConfig(launcher="torchrun", nproc=4), "/tmp/c.json", 29500)
     assert torchrun[1:3] == ["-m", "torch.distributed.run"]
@@ -368,7 +368,7 @@ def test_half_precision_deepspeed_cannot_run_is_refused_before_any_rank_starts()
     pytest.importorskip("deepspeed")
     from deepspeed.accelerator import get_accelerator
 
-    from safeprune_engine.distributed.session import check_precisions_supported
+    from safeprune_engine.distributed.runtime import check_precisions_supported
 
     if get_accelerator().is_fp16_supported():
         pytest.skip("this accelerator trains in fp16")
@@ -382,7 +382,7 @@ def test_half_precision_deepspeed_cannot_run_is_refused_before_any_rank_starts()
 def test_launcher_cannot_take_in_memory_models(tmp_path):
     from safeprune_engine.models.teacher import bundle_from_pipeline
     from safeprune_engine.testing import tiny_pipeline, write_image_folder
-    from safeprune_engine.trainer import train
+    from safeprune_engine.run import train
 
     data = write_image_folder(tmp_path / "data", CAPTIONS, size=16)
     config = RunConfig(teacher="in-memory", data=str(data), out=str(tmp_path / "out"), erase=["by monet"],

@@ -5,11 +5,11 @@ import torch
 from safeprune_engine.bilevel.solvers import build_solver
 from safeprune_engine.config import RunConfig
 from safeprune_engine.data.imagefolder import ImageFolder
-from safeprune_engine.memory import solver_optimizers, teacher_precision
+from safeprune_engine.memory import optimizer_factory, teacher_precision
 from safeprune_engine.models.teacher import bundle_from_pipeline
 from safeprune_engine.prune.width import prune
 from safeprune_engine.testing import tiny_pipeline, write_image_folder
-from safeprune_engine.trainer import build_engine
+from safeprune_engine.run.builder import build_engine
 
 CAPTIONS = ["a red square", "a blue square", "a green square", "a yellow square"] * 2
 
@@ -19,13 +19,12 @@ def engine_and_solver(tmp_path, **overrides):
     student, _ = prune(teacher.unet, ratio=0.5)
     folder = ImageFolder(write_image_folder(tmp_path / "data", CAPTIONS, size=16))
     settings = dict(out=str(tmp_path / "run"), erase=["by monet"], method="alternating", upper_every=2, batch_size=2,
-                    resolution=16, steps=4, esd_pool_size=4, esd_ddim_steps=3, progress=False, lr=1e-3)
+                    resolution=16, steps=4, esd_pool_size=4, esd_ddim_steps=3, progress=False, lr=1e-3,
+                    device="cpu")
     settings.update(overrides)
     config = RunConfig(**settings).validate()
-    engine = build_engine(config, teacher, student, folder, tmp_path / "cache", latent_size=8, device="cpu",
-                          progress=False)
-    with solver_optimizers(config):
-        return engine, build_solver(engine, config)
+    engine = build_engine(config, teacher, student, folder, tmp_path / "cache", latent_size=8, progress=False)
+    return engine, build_solver(engine, config, optimizer_factory(config))
 
 
 def run_steps(solver, steps=2):
@@ -73,16 +72,15 @@ def test_8bit_adam_solver_optimizers(tmp_path):
     path = tmp_path / "state.pt"
     torch.save(state, path)
     assert torch.load(path, weights_only=True)["optimizers"]["lower"]["state"]
-    # outside the context, make_adamw builds torch AdamW again
-    from safeprune_engine.bilevel.solvers import make_adamw
-
-    assert type(make_adamw([torch.nn.Parameter(torch.zeros(3))], 1e-3)) is torch.optim.AdamW
+    # the factory is chosen per run: without --use-8bit-adam it builds torch AdamW
+    plain = optimizer_factory(RunConfig(erase=["x"]))
+    assert type(plain([torch.nn.Parameter(torch.zeros(3))], 1e-3)) is torch.optim.AdamW
 
 
 def test_export_dtype_casts_the_fp32_student(tmp_path):
     from safetensors.torch import load_file
 
-    from safeprune_engine.trainer import train
+    from safeprune_engine.run import train
 
     data = write_image_folder(tmp_path / "data", CAPTIONS, size=16)
     config = RunConfig(teacher="tiny", data=str(data), out=str(tmp_path / "run"), method="distill-only", steps=1,

@@ -244,7 +244,7 @@ def test_train_hands_back_unpatched_models(tmp_path):
     from safeprune_engine.config import RunConfig
     from safeprune_engine.patching import _MARK
     from safeprune_engine.testing import save_tiny_pipeline, write_image_folder
-    from safeprune_engine.trainer import train
+    from safeprune_engine.run import train
 
     teacher = save_tiny_pipeline(tmp_path / "teacher", seed=0)
     data = write_image_folder(tmp_path / "data", ["a red square", "a blue square"] * 2, size=16)

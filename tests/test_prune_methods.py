@@ -315,7 +315,7 @@ def test_bk_refuses_what_it_cannot_do():
 
 def test_feature_pairs_follow_the_kept_stages(gen):
     from safeprune_engine.distill.features import pair_feature_blocks
-    from safeprune_engine.trainer import block_shapes
+    from safeprune_engine.run.builder import block_shapes
 
     teacher = tiny_unet(seed=4, **SD_LIKE).eval()
     student, _ = prune_unet(teacher, "bk-tiny")

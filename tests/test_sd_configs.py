@@ -54,7 +54,7 @@ def test_sd15_architecture_prunes_trains_two_bilevel_steps_and_exports(tmp_path,
     from safeprune_engine.config import RunConfig
     from safeprune_engine.models.teacher import bundle_from_pipeline
     from safeprune_engine.testing import write_image_folder
-    from safeprune_engine.trainer import train
+    from safeprune_engine.run import train
 
     started = time.perf_counter()
     teacher = bundle_from_pipeline(sd_configs.build_pipeline("sd15", seed=0))

@@ -34,17 +34,18 @@ def world(tmp_path_factory):
 
 
 def make_engine(world, **overrides):
-    from safeprune_engine.trainer import build_engine
+    from safeprune_engine.memory import optimizer_factory
+    from safeprune_engine.run.builder import build_engine
 
     settings = dict(out=str(world["root"] / "run"), erase=["by monet"], method="two-stage", batch_size=2,
                     concept_batch_size=4, resolution=16, steps=4, bilevel_inner_steps=1, upper_every=2,
                     two_stage_erase_steps=2, esd_pool_size=4, esd_ddim_steps=3, progress=False, lr=1e-3,
-                    salun_batches=2)
+                    salun_batches=2, device="cpu")
     settings.update(overrides)
     config = RunConfig(**settings).validate()
     engine = build_engine(config, world["teacher"], copy.deepcopy(world["student"]), world["folder"],
-                          world["root"] / "cache", latent_size=8, device="cpu", progress=False)
-    return engine, build_solver(engine, config)
+                          world["root"] / "cache", latent_size=8, progress=False)
+    return engine, build_solver(engine, config, optimizer_factory(config))
 
 
 def snapshot(module):
@@ -66,11 +67,11 @@ def test_objective_changes_only_its_parameters_and_lowers_every_concepts_objecti
     objective = engine.objective
     solver.step(0)  # one distillation step, then the reference is frozen and every step is an erase step
     solver.freeze_reference()
-    before = [objective.evaluate(engine, concept=c, batches=3) for c in (0, 1)]
+    before = [objective.evaluate(engine, concept=c, batches=3, reference=solver.reference) for c in (0, 1)]
     weights = snapshot(engine.student)
     for step in range(1, 11):
         assert "loss/cu" in solver.step(step)
-    after = [objective.evaluate(engine, concept=c, batches=3) for c in (0, 1)]
+    after = [objective.evaluate(engine, concept=c, batches=3, reference=solver.reference) for c in (0, 1)]
     assert after[0] < before[0] and after[1] < before[1], (before, after)
     moved = {n for n, p in engine.student.named_parameters() if not torch.equal(weights[n], p.detach())}
     assert moved and all(objective.trainable(n) for n in moved), sorted(n for n in moved if not objective.trainable(n))
@@ -332,9 +333,9 @@ def test_the_readme_objective_plugin_runs(world, tmp_path, monkeypatch, request)
     assert type(engine.objective).__name__ == "AnchorMatch" and "anchor-match" in OBJECTIVES.names()
     solver.step(0)
     solver.freeze_reference()
-    before, weights = engine.objective.evaluate(engine), snapshot(engine.student)
+    before, weights = engine.objective.evaluate(engine, reference=solver.reference), snapshot(engine.student)
     for step in range(1, 6):
         assert "loss/cu" in solver.step(step)
-    assert engine.objective.evaluate(engine) < before
+    assert engine.objective.evaluate(engine, reference=solver.reference) < before
     moved = {n for n, p in engine.student.named_parameters() if not torch.equal(weights[n], p.detach())}
     assert moved and all(".attn2." in n for n in moved)

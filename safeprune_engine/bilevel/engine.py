@@ -92,10 +92,12 @@ class TrainingEngine:
         device: torch.device | str = "cpu",
         prompts=None,
         feature_pairs: list[tuple[str, str]] | None = None,
+        kernel_patches: list | None = None,
     ):
         """prompts: the encoded ConceptPrompts (objectives that work from text alone, e.g. UCE, read them);
         feature_pairs: (student block, teacher block) names to distil features between (default: every block,
-        by position)."""
+        by position); kernel_patches: (unet, PatchRecord) of the fused ops put into the student and teacher
+        (--kernels), which the run undoes before it hands the models back."""
         self.device = torch.device(device)
         self.student, self.teacher = student, teacher
         self.scheduler, self.prediction_type = noise_scheduler, prediction_type
@@ -106,10 +108,9 @@ class TrainingEngine:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sampler = EpochSampler(len(data_cache), self.generator)
         self.prompts = prompts
+        self.kernel_patches = list(kernel_patches or [])
         self.student_taps = BlockTaps(student, None if feature_pairs is None else [s for s, _ in feature_pairs])
         self.teacher_taps = BlockTaps(teacher, None if feature_pairs is None else [t for _, t in feature_pairs])
-        self.reference = teacher  # the model the upper level's targets come from (two-stage swaps it)
-        self.reference_taps = self.teacher_taps
         mp = config.mixed_precision
         self.autocast_dtype = AUTOCAST_DTYPES.get(mp)
         if objective is not None:
@@ -161,10 +162,10 @@ class TrainingEngine:
         """One batched forward of the frozen model over every row this step needs.
 
         Rows: [data (B) | concept under each objective condition (Bc each)]. Only the data rows' block
-        outputs are kept, and only when `features` is set.
+        outputs are kept, and only when `features` is set and the model is the teacher (whose blocks are tapped).
+        model: the frozen model to run (default the teacher; two-stage passes its frozen copy of the student).
         """
         model = self.teacher if model is None else model
-        taps = self.teacher_taps if model is self.teacher else self.reference_taps
         latents, timesteps, conditions, sizes = [], [], [], []
         if data is not None:
             latents.append(data.latents), timesteps.append(data.timesteps), conditions.append(data.text_emb)
@@ -177,9 +178,9 @@ class TrainingEngine:
         if not latents:
             return TeacherOutputs()
         dtype = next(model.parameters()).dtype
-        keep_features = features and data is not None
+        keep_features = features and data is not None and model is self.teacher
         rows = slice(0, data.latents.shape[0]) if keep_features else None
-        capture = taps.capture(rows=rows, detach=True) if keep_features else nullcontext([])
+        capture = self.teacher_taps.capture(rows=rows, detach=True) if keep_features else nullcontext([])
         with capture as feature_maps, self.autocast():
             prediction = model(
                 torch.cat(latents).to(dtype), torch.cat(timesteps), encoder_hidden_states=torch.cat(conditions).to(dtype)
@@ -193,13 +194,17 @@ class TrainingEngine:
         return outputs
 
     # ---- losses ------------------------------------------------------------------------------------
-    def lower_loss(self, data: DataBatch, teacher: TeacherOutputs) -> LowerLoss:
-        """L_ft = w_diff L_diff + w_out L_out + w_feat L_feat on the data rows (student forward inside)."""
+    def lower_loss(self, data: DataBatch, teacher: TeacherOutputs, runner: nn.Module | None = None) -> LowerLoss:
+        """L_ft = w_diff L_diff + w_out L_out + w_feat L_feat on the data rows (student forward inside).
+
+        runner: what runs the student's forward (default the student; a ZeRO solver passes its DeepSpeed engine,
+        which wraps the same module, so the taps on the student's blocks still fire)."""
         cfg = self.config
         need_features = cfg.w_feat > 0 and bool(self.student_taps.names)
         capture = self.student_taps.capture() if need_features else nullcontext([])
+        student = self.student if runner is None else runner
         with capture as student_maps, self.autocast():
-            prediction = self.student(data.latents, data.timesteps, encoder_hidden_states=data.text_emb).sample
+            prediction = student(data.latents, data.timesteps, encoder_hidden_states=data.text_emb).sample
         parts = {
             "diff": diffusion_loss(prediction, data.target, data.timesteps, self.alphas_cumprod, cfg.snr_gamma,
                                    self.prediction_type),
@@ -212,9 +217,11 @@ class TrainingEngine:
             total = total + cfg.w_feat * parts["feat"]
         return LowerLoss(total=total, parts=parts)
 
-    def upper_loss(self, concept: ConceptBatch | None, teacher: TeacherOutputs) -> torch.Tensor:
+    def upper_loss(self, concept: ConceptBatch | None, teacher: TeacherOutputs,
+                   runner: nn.Module | None = None) -> torch.Tensor:
         """L_cu: the objective's loss on the student's prediction under the concept condition, plus
-        preserve_weight * MSE(student, teacher) under the preserve prompts when --preserve is given."""
+        preserve_weight * MSE(student, teacher) under the preserve prompts when --preserve is given.
+        teacher: the frozen model's outputs (two-stage: its frozen student copy's); runner: as in lower_loss."""
         objective = self.objective
         if objective.latents is None:  # a weight-space objective (UCE): no student forward
             return objective.loss(None, teacher.concept_predictions, concept)
@@ -224,21 +231,23 @@ class TrainingEngine:
             latents, timesteps = torch.cat([latents, latents]), torch.cat([timesteps, timesteps])
             condition = torch.cat([condition, concept.conditions["preserve"]])
         with self.autocast():
-            prediction = self.student_forward(latents, timesteps, condition, objective.gradient_masks())
+            prediction = self.student_forward(latents, timesteps, condition, objective.gradient_masks(), runner)
         loss = objective.loss(prediction[:rows], teacher.concept_predictions, concept)
         if self.preserve_active:
             held = F.mse_loss(prediction[rows:].float(), teacher.concept_predictions["preserve"].float())
             loss = loss + self.config.preserve_weight * held
         return loss
 
-    def student_forward(self, latents, timesteps, condition, masks: dict[str, torch.Tensor] | None = None):
+    def student_forward(self, latents, timesteps, condition, masks: dict[str, torch.Tensor] | None = None,
+                        runner: nn.Module | None = None):
         """The student's prediction; with masks (name -> bool tensor), gradients reach only the masked elements
-        of those parameters (same forward values: w = where(mask, w, sg(w)))."""
+        of those parameters (same forward values: w = where(mask, w, sg(w))). runner: as in lower_loss."""
+        student = self.student if runner is None else runner
         if not masks:
-            return self.student(latents, timesteps, encoder_hidden_states=condition).sample
-        params = dict(self.student.named_parameters())
+            return student(latents, timesteps, encoder_hidden_states=condition).sample
+        params = dict(student.named_parameters())
         restricted = {name: torch.where(mask, params[name], params[name].detach()) for name, mask in masks.items()}
-        return torch.func.functional_call(self.student, restricted, (latents, timesteps),
+        return torch.func.functional_call(student, restricted, (latents, timesteps),
                                           {"encoder_hidden_states": condition}).sample
 
     # ---- parameter sets ----------------------------------------------------------------------------

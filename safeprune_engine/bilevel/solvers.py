@@ -14,41 +14,39 @@
 from __future__ import annotations
 
 import copy
-from contextvars import ContextVar
 from typing import Callable
 
 import torch
 
+from ..memory import adamw
 from ..registry import Registry
 from .engine import TrainingEngine, accumulate_gradients
 
 SOLVERS: Registry = Registry("method")
+
+# (params, lr) -> optimizer: how every optimizer of a solver is built (memory.optimizer_factory picks it per run)
+OptimizerFactory = Callable[[list, float], torch.optim.Optimizer]
 
 
 def as_float(value) -> float:
     return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 
 
-# Replaces the AdamW that make_adamw builds while set (e.g. bitsandbytes AdamW8bit for --use-8bit-adam); set it
-# only around solver construction, with safeprune_engine.memory.solver_optimizers(config).
-ADAMW_FACTORY: ContextVar[Callable | None] = ContextVar("safeprune_adamw_factory", default=None)
-
-
-def make_adamw(params, lr: float) -> torch.optim.Optimizer:
-    factory = ADAMW_FACTORY.get()
-    if factory is not None:
-        return factory(params, lr)
-    # foreach=False keeps CPU runs bit-reproducible across resume regardless of tensor grouping
-    return torch.optim.AdamW(params, lr=lr, foreach=False)
-
-
 class Solver:
-    """One `step(iteration)` per training step; returns fp32 scalars to log."""
+    """One `step(iteration)` per training step; returns fp32 scalars to log.
+
+    Everything a solver needs comes through its constructor: the engine (read, never modified), the config and
+    make_optimizer, the factory of its optimizers (default torch AdamW). `runner` is the module that runs the
+    student's forwards, handed to the engine's loss calls (None: the student itself; the ZeRO solver's DeepSpeed
+    engine once it exists).
+    """
 
     uses_concepts = True
 
-    def __init__(self, engine: TrainingEngine, config):
+    def __init__(self, engine: TrainingEngine, config, make_optimizer: OptimizerFactory | None = None):
         self.engine, self.config = engine, config
+        self.make_optimizer = make_optimizer or adamw
+        self.runner = None
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         # fp16 autocast needs loss scaling against gradient underflow; a disabled scaler is a pass-through
         self.scaler = torch.amp.GradScaler(engine.device.type, enabled=config.mixed_precision == "fp16")
@@ -76,7 +74,7 @@ class Solver:
         data = engine.sample_data_batch()
         concept = engine.sample_concept_batch() if include_concept else None
         teacher = engine.teacher_pass(data, concept, features=self.config.w_feat > 0)
-        lower = engine.lower_loss(data, teacher)
+        lower = engine.lower_loss(data, teacher, runner=self.runner)
         return lower, concept, teacher
 
     @staticmethod
@@ -106,9 +104,9 @@ class Solver:
 class DistillOnly(Solver):
     uses_concepts = False
 
-    def __init__(self, engine, config):
-        super().__init__(engine, config)
-        self.optimizers["lower"] = make_adamw(engine.lower_parameters(), config.lr)
+    def __init__(self, engine, config, make_optimizer=None):
+        super().__init__(engine, config, make_optimizer)
+        self.optimizers["lower"] = self.make_optimizer(engine.lower_parameters(), config.lr)
 
     def step(self, iteration: int) -> dict[str, float]:
         self.zero_grad()
@@ -121,10 +119,10 @@ class DistillOnly(Solver):
 
 @SOLVERS.register("alternating")
 class Alternating(Solver):
-    def __init__(self, engine, config):
-        super().__init__(engine, config)
-        self.optimizers["lower"] = make_adamw(engine.lower_parameters(), config.lr)
-        self.optimizers["upper"] = make_adamw(engine.upper_parameters(), config.effective_lr_upper)
+    def __init__(self, engine, config, make_optimizer=None):
+        super().__init__(engine, config, make_optimizer)
+        self.optimizers["lower"] = self.make_optimizer(engine.lower_parameters(), config.lr)
+        self.optimizers["upper"] = self.make_optimizer(engine.upper_parameters(), config.effective_lr_upper)
 
     def is_upper_step(self, iteration: int) -> bool:
         return iteration % self.config.upper_every == self.config.upper_every - 1
@@ -140,7 +138,7 @@ class Alternating(Solver):
             return self.scalars(lower)
         # the upper step sees the weights the lower step just produced, as in the reference loop
         self.zero_grad()
-        upper = self.engine.upper_loss(concept, teacher)
+        upper = self.engine.upper_loss(concept, teacher, runner=self.runner)
         self.accumulate(upper, self.engine.upper_parameters())
         self.optimizer_step("upper")
         self.finish_step()
@@ -149,10 +147,10 @@ class Alternating(Solver):
 
 @SOLVERS.register("bilevel")
 class Bilevel(Solver):
-    def __init__(self, engine, config):
-        super().__init__(engine, config)
-        self.optimizers["lower"] = make_adamw(engine.lower_parameters(), config.lr)
-        self.optimizers["outer"] = make_adamw(engine.lower_parameters(), config.effective_lr_upper)
+    def __init__(self, engine, config, make_optimizer=None):
+        super().__init__(engine, config, make_optimizer)
+        self.optimizers["lower"] = self.make_optimizer(engine.lower_parameters(), config.lr)
+        self.optimizers["outer"] = self.make_optimizer(engine.lower_parameters(), config.effective_lr_upper)
         self.value_estimate: float | None = None  # tracked min L_ft (the value function)
         self.ema_lower: float | None = None
 
@@ -178,7 +176,7 @@ class Bilevel(Solver):
             self.track_value(as_float(lower.total))
             return self.scalars(lower, value_estimate=self.value_estimate)
         self.backward(lower.total * lam)
-        upper = self.engine.upper_loss(concept, teacher)
+        upper = self.engine.upper_loss(concept, teacher, runner=self.runner)
         self.accumulate(upper, self.engine.upper_parameters())
         self.optimizer_step("outer")
         self.finish_step()
@@ -204,17 +202,17 @@ class Bilevel(Solver):
 
 @SOLVERS.register("two-stage")
 class TwoStage(Solver):
-    def __init__(self, engine, config):
-        super().__init__(engine, config)
+    def __init__(self, engine, config, make_optimizer=None):
+        super().__init__(engine, config, make_optimizer)
         self.distill_steps = config.steps - config.effective_two_stage_erase_steps
-        self.optimizers["lower"] = make_adamw(engine.lower_parameters(), config.lr)
-        self.optimizers["upper"] = make_adamw(engine.upper_parameters(), config.effective_lr_upper)
+        self.optimizers["lower"] = self.make_optimizer(engine.lower_parameters(), config.lr)
+        self.optimizers["upper"] = self.make_optimizer(engine.upper_parameters(), config.effective_lr_upper)
         self.reference = None
 
     def freeze_reference(self) -> None:
-        """Snapshot the distilled student as the frozen model ESD steers away from."""
+        """Snapshot the distilled student as the frozen model ESD steers away from (kept here and passed to the
+        engine's teacher_pass explicitly)."""
         self.reference = copy.deepcopy(self.engine.student).eval().requires_grad_(False)
-        self.engine.reference = self.reference
 
     def step(self, iteration: int) -> dict[str, float]:
         self.zero_grad()
@@ -229,7 +227,7 @@ class TwoStage(Solver):
         engine = self.engine
         concept = engine.sample_concept_batch()
         reference = engine.teacher_pass(None, concept, features=False, model=self.reference)
-        upper = engine.upper_loss(concept, reference)
+        upper = engine.upper_loss(concept, reference, runner=self.runner)
         self.accumulate(upper, engine.upper_parameters())
         self.optimizer_step("upper")
         self.finish_step()
@@ -248,5 +246,5 @@ class TwoStage(Solver):
             self.reference.load_state_dict(state["reference"])
 
 
-def build_solver(engine: TrainingEngine, config) -> Solver:
-    return SOLVERS.get(config.method)(engine, config)
+def build_solver(engine: TrainingEngine, config, make_optimizer: OptimizerFactory | None = None) -> Solver:
+    return SOLVERS.get(config.method)(engine, config, make_optimizer)

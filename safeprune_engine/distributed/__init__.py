@@ -2,10 +2,9 @@
 
     safeprune run ... --launcher torchrun|deepspeed --nproc N --zero-stage 0|1|2|3 [--teacher-zero3]
 
-- launcher.py: re-runs the same `safeprune run` as N ranks (the parent validates first and waits).
+The run layer (safeprune_engine.run) starts the ranks (run/launcher.py) and builds the engine on every rank with its
+one builder, through the hooks of run/session.py's DistributedSession; this package holds what ranks are made of:
 - runtime.py: rank set-up (gloo on CPU, NCCL on CUDA), this rank's device, the few collectives used.
-- session.py: what the trainer asks of the process layout (LocalSession / DistributedSession).
-- builder.py: the engine on every rank (cache pass and trajectory pool on rank 0, projections shared).
 - engine.py: each rank computes its rows of the global batch; loss values are global means.
 - solver.py: every solver unchanged, through a mixin (ZeRO: one DeepSpeed engine whose client optimizer holds all of
   the solver's optimizers; stage 0: gradient averaging before each optimizer step).

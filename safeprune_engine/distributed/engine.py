@@ -15,7 +15,6 @@ bilevel value-function tracking, logging and NaN checks see the same numbers on 
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
 
 import torch
 
@@ -42,16 +41,17 @@ def take_rows(batch, rows: slice, total: int):
 class DistributedTrainingEngine(TrainingEngine):
     """TrainingEngine whose batches are this rank's rows and whose loss values are global means.
 
-    context: the DistContext. `student_runner`, once set (a DeepSpeed engine), runs the student's forwards, so that
-    DeepSpeed sees them (ZeRO-3 gathers weights in them; ZeRO's backward hooks hang off their outputs); parameter
-    lists and names keep coming from the plain module in `student`.
+    context: the DistContext. restrict_upper_forward (ZeRO): upper forwards build their graph only to the upper
+    parameters, since DeepSpeed's backward reaches whatever the graph reaches. The ZeRO solver passes its DeepSpeed
+    engine as the `runner` of the loss calls, so that DeepSpeed sees the student's forwards (ZeRO-3 gathers weights
+    in them; ZeRO's backward hooks hang off their outputs); parameter lists and names keep coming from the plain
+    module in `student`.
     """
 
-    def __init__(self, *args, context, **kwargs):
+    def __init__(self, *args, context, restrict_upper_forward: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.context = context
-        self.student_runner = None
-        self.restrict_upper_forward = False  # set by the ZeRO solver: upper forwards build graph only to upper params
+        self.restrict_upper_forward = restrict_upper_forward
         self._frozen: list = []
 
     # ---- this rank's rows ---------------------------------------------------------------------------------------
@@ -74,18 +74,7 @@ class DistributedTrainingEngine(TrainingEngine):
             return batch
         return dataclasses.replace(batch, latents=batch.latents.contiguous(memory_format=torch.channels_last))
 
-    # ---- forwards through DeepSpeed, global loss values ---------------------------------------------------------
-    @contextmanager
-    def runner_forwards(self):
-        if self.student_runner is None:
-            yield
-            return
-        module, self.student = self.student, self.student_runner
-        try:
-            yield
-        finally:
-            self.student = module
-
+    # ---- global loss values; the upper forward's graph -----------------------------------------------------------
     def freeze_outside_upper(self) -> None:
         """Until release_upper_freeze(), parameters outside upper_parameters() do not require grad, so the upper
         forward's graph (and, with gradient checkpointing, its recomputation in backward) reaches exactly the
@@ -101,19 +90,17 @@ class DistributedTrainingEngine(TrainingEngine):
             param.requires_grad_(True)
         self._frozen = []
 
-    def lower_loss(self, data, teacher) -> LowerLoss:
+    def lower_loss(self, data, teacher, runner=None) -> LowerLoss:
         self.release_upper_freeze()  # an upper forward whose backward never came must not starve this one
-        with self.runner_forwards():
-            loss = super().lower_loss(data, teacher)
+        loss = super().lower_loss(data, teacher, runner)
         names = list(loss.parts)
         local = torch.stack([loss.total.detach().float()] + [loss.parts[n].detach().float() for n in names])
         global_values = self.context.mean(local)
         return LowerLoss(total=with_value(loss.total, global_values[0]),
                          parts={n: with_value(loss.parts[n], global_values[i + 1]) for i, n in enumerate(names)})
 
-    def upper_loss(self, concept, teacher) -> torch.Tensor:
+    def upper_loss(self, concept, teacher, runner=None) -> torch.Tensor:
         if self.restrict_upper_forward:
             self.freeze_outside_upper()  # released by the solver once the upper backward is done
-        with self.runner_forwards():
-            loss = super().upper_loss(concept, teacher)
+        loss = super().upper_loss(concept, teacher, runner)
         return with_value(loss, self.context.mean(loss.detach().float().reshape(1))[0])

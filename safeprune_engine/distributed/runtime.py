@@ -201,3 +201,23 @@ def init_context(config, need_deepspeed: bool) -> DistContext:
 def current_context() -> DistContext | None:
     """The DistContext of this process once init_context ran, else None."""
     return _CONTEXT
+
+
+def check_precisions_supported(config) -> None:
+    """DeepSpeed runs half-precision engines only where its accelerator supports them (its CPU accelerator: bf16)."""
+    from deepspeed.accelerator import get_accelerator
+
+    from ..memory import teacher_precision
+
+    accelerator = get_accelerator()
+    wanted = []
+    if config.zero_stage >= 1 and config.mixed_precision in ("bf16", "fp16"):
+        wanted.append(("--mixed-precision", config.mixed_precision))
+    if config.teacher_zero3 and teacher_precision(config) in ("bf16", "fp16"):
+        wanted.append(("the ZeRO-3 teacher's dtype", teacher_precision(config)))
+    for what, precision in wanted:
+        supported = accelerator.is_bf16_supported() if precision == "bf16" else accelerator.is_fp16_supported()
+        if not supported:
+            raise SafepruneError(f"{what} {precision}: DeepSpeed's {accelerator.device_name()} accelerator does not "
+                                 f"train in {precision}; use bf16 or fp32 there, or --zero-stage 0 without "
+                                 "--teacher-zero3 (torch autocast)")

@@ -7,7 +7,7 @@ each parameter in exactly one param group and replaces every group's parameters 
 
 SlotOptimizer makes that fit without changing what any solver computes:
 - each solver optimizer becomes a *slot* ("lower", "outer", "upper") and stays the object that does the maths
-  (the *worker*: torch AdamW or bitsandbytes AdamW8bit, exactly as solvers.make_adamw built it);
+  (the *worker*: torch AdamW or bitsandbytes AdamW8bit, exactly as the solver's optimizer factory built it);
 - parameters are grouped by the set of slots that update them (bilevel: one group; ESD-u alternating: the
   non-attn2 weights in {lower, upper} and attn2 in {lower}), so every parameter is in one group;
 - step() runs only the active slot's worker, over the partitions of the groups that slot covers, with the state
@@ -121,7 +121,7 @@ def init_worker_state(worker: torch.optim.Optimizer, tensor: torch.Tensor) -> No
 class SlotOptimizer(torch.optim.Optimizer):
     """One optimizer over the union of the solver optimizers' parameters (see the module docstring).
 
-    optimizers: slot name -> an optimizer with one param group (what solvers.make_adamw returns). Their param
+    optimizers: slot name -> an optimizer with one param group (what a solver's optimizer factory returns). Their param
     lists are emptied (they are filled per step) and their states are kept per tensor as usual. `active` names the
     slot the next step() applies.
     """

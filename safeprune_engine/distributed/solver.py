@@ -9,7 +9,7 @@ bilevel outer step can add lambda * L_ft and L_cu before its one step); optimize
 active and calls engine.step(), which updates exactly the partitions of the parameters that optimizer covers,
 with that optimizer's own learning rate and moments. So the partitioned optimizer states, the gradient
 partitioning and the weight partitioning are DeepSpeed's, while the update rule and state of every optimizer stay
-the solver's (torch AdamW or bitsandbytes AdamW8bit from make_adamw).
+the solver's (torch AdamW or bitsandbytes AdamW8bit, from the factory the run passes in).
 
 Alternatives that were rejected: a DeepSpeed engine per optimizer cannot work, since two engines would partition
 the same module twice; giving DeepSpeed only the lower optimizer and all-reducing gradients for the others leaves
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import SafepruneError
-from ..memory import solver_optimizers
+from ..memory import cast_module
 from . import zero_state
 from .runtime import row_major
 from .slot_optimizer import SlotOptimizer
@@ -80,8 +80,11 @@ class ZeroSolverMixin:
     """DeepSpeed ZeRO for the student; see the module docstring. The engine is built on first use (first step or
     checkpoint load), so weights restored before that are the ones ZeRO partitions."""
 
-    def __init__(self, engine, config):
-        super().__init__(engine, config)
+    def __init__(self, engine, config, make_optimizer=None):
+        super().__init__(engine, config, make_optimizer)
+        if not engine.restrict_upper_forward:
+            raise SafepruneError("the ZeRO solver needs an engine built with restrict_upper_forward (the upper "
+                                 "gradient must reach only the upper parameters)")
         self.scaler = torch.amp.GradScaler(engine.device.type, enabled=False)  # DeepSpeed scales fp16 itself
         self.ds_engine = None
         self.slots: SlotOptimizer | None = None
@@ -108,8 +111,7 @@ class ZeroSolverMixin:
         ds_engine, _, _, _ = deepspeed.initialize(model=module, optimizer=self.slots,
                                                   config=student_config(config, context.world_size))
         self.ds_engine = ds_engine
-        engine.student_runner = ds_engine
-        engine.restrict_upper_forward = True
+        self.runner = ds_engine  # handed to the engine's loss calls: the student's forwards go through DeepSpeed
         self.access = zero_state.ZeroAccess(ds_engine, self.slots)
         if masters is not None:
             for param in module.parameters():
@@ -167,12 +169,9 @@ class ZeroSolverMixin:
         """A whole, frozen copy of the current student (gathered from the partitions; fp32 masters, in the
         student's compute dtype), replicated on every rank."""
         self.ensure_engine()
-        from ..trainer import cast_module
-
         copy = gathered_student(self, keep_on_all_ranks=True)
         dtype = next(self.engine.student.parameters()).dtype
         self.reference = cast_module(copy, dtype).to(self.engine.device).eval().requires_grad_(False)
-        self.engine.reference = self.reference
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -240,13 +239,13 @@ def gathered_student(solver, keep_on_all_ranks: bool = False, include_projection
     return (copy, projection_state) if include_projections else copy
 
 
-def build_solver(engine, config):
-    """The configured solver class with the data-parallel or ZeRO mixin in front (same name, same behaviour)."""
+def build_solver(engine, config, make_optimizer=None):
+    """The configured solver class with the data-parallel or ZeRO mixin in front (same name, same behaviour).
+    make_optimizer: the solvers' optimizer factory (memory.optimizer_factory)."""
     from ..bilevel.solvers import SOLVERS
 
     base = SOLVERS.get(config.method)
     mixin = ZeroSolverMixin if config.zero_stage >= 1 else DataParallelSolverMixin
     prefix = "Zero" if config.zero_stage >= 1 else "DataParallel"
     cls = type(f"{prefix}{base.__name__}", (mixin, base), {"__doc__": base.__doc__})
-    with solver_optimizers(config):
-        return cls(engine, config)
+    return cls(engine, config, make_optimizer)

@@ -7,7 +7,6 @@ still draws, it learned from the teacher, which is the leak the paper is about.
 from __future__ import annotations
 
 import base64
-import copy
 import io
 import json
 import logging
@@ -86,7 +85,7 @@ def run_default(config: RunConfig, methods: tuple[str, ...] = METHODS, eval_samp
     from ..eval.runner import evaluate
     from ..models.teacher import load_teacher
     from ..prune.base import calibration_batches, prune_unet
-    from ..trainer import resolve_device, train
+    from ..run import resolve_device, train
 
     out = Path(config.out)
     config = toy_defaults(config, explicit)
@@ -120,8 +119,11 @@ def run_default(config: RunConfig, methods: tuple[str, ...] = METHODS, eval_samp
             resume = "latest" if list_checkpoints(run_dir) else None
             # one cache for all students: the data and the concept trajectories are encoded once
             cache_dir = config.cache_dir or str(out / "cache")
-            train(config.replace(method=method, out=str(run_dir), resume=resume, cache_dir=cache_dir),
-                  teacher=teacher, student=copy.deepcopy(student))
+            run_config = config.replace(method=method, out=str(run_dir), resume=resume, cache_dir=cache_dir)
+            if config.launcher:  # new processes cannot receive in-memory models: the ranks load and prune themselves
+                train(run_config)
+            else:  # train() works on its own copies of the teacher and the student
+                train(run_config, teacher=teacher, student=student)
             trained.append(time.perf_counter() - student_started)
         runs[method] = run_dir / "pipeline"
     training_seconds = time.perf_counter() - started

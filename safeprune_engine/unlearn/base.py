@@ -95,13 +95,13 @@ class UnlearnObjective(abc.ABC):
         """Called once when the TrainingEngine is built (student, teacher, concept source and prompts ready)."""
 
     def on_train_start(self, engine, start_step: int) -> None:
-        """Called by the trainer before the first step it runs (start_step > 0 when resuming)."""
+        """Called by the run before the first step it runs (start_step > 0 when resuming)."""
 
     def on_step_end(self, engine, steps_done: int) -> None:
-        """Called by the trainer after each step; steps_done counts from 1."""
+        """Called by the run after each step; steps_done counts from 1."""
 
     def on_train_end(self, engine) -> None:
-        """Called by the trainer after the last step, before the final checkpoint and export."""
+        """Called by the run after the last step, before the final checkpoint and export."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors a checkpoint must keep to resume bit-for-bit (loaded with weights_only=True)."""
@@ -112,14 +112,15 @@ class UnlearnObjective(abc.ABC):
 
     # ---- measurement ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, engine, concept: int | None = None, batches: int = 2, seed: int = 0) -> float:
+    def evaluate(self, engine, concept: int | None = None, batches: int = 2, seed: int = 0, reference=None) -> float:
         """Mean loss on ``batches`` concept batches drawn with their own seed (only rows of --erase concept
-        ``concept`` when given): the objective's own value, comparable across training steps."""
+        ``concept`` when given): the objective's own value, comparable across training steps. reference: the
+        frozen model the targets come from (default the teacher; two-stage's solver holds its own)."""
         generator = torch.Generator(device=engine.device).manual_seed(seed)
         total = 0.0
         for _ in range(batches):
             batch = engine.concepts.sample(engine.config.effective_concept_batch_size, generator, concept=concept)
-            teacher = engine.teacher_pass(None, batch, features=False, model=engine.reference)
+            teacher = engine.teacher_pass(None, batch, features=False, model=reference)
             with engine.autocast():
                 prediction = engine.student(batch.latents, batch.timesteps,
                                             encoder_hidden_states=batch.conditions["concept"]).sample

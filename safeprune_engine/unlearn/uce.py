@@ -117,7 +117,7 @@ class UnifiedConceptEditing(UnlearnObjective):
         return total / len(layers)
 
     @torch.no_grad()
-    def evaluate(self, engine, concept: int | None = None, batches: int = 2, seed: int = 0) -> float:
+    def evaluate(self, engine, concept: int | None = None, batches: int = 2, seed: int = 0, reference=None) -> float:
         return float(self.loss(concept=concept))
 
     def on_train_start(self, engine, start_step: int) -> None:

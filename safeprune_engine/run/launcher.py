@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import SafepruneError
-from .runtime import free_port
+from ..distributed.runtime import free_port
 
 log = logging.getLogger("safeprune_engine")
 
@@ -45,7 +45,7 @@ def check_launcher_available(config) -> None:
         except ImportError as error:
             raise SafepruneError(f"--launcher deepspeed, --zero-stage >= 1 and --teacher-zero3 need DeepSpeed (pip "
                                  f"install 'safeprune-engine[scale]'): {error}") from None
-        from .session import check_precisions_supported
+        from ..distributed.runtime import check_precisions_supported
 
         check_precisions_supported(config)
 

@@ -1,8 +1,10 @@
-"""What the trainer asks of the process layout: one object, LocalSession for a plain single-process run and
-DistributedSession for ranks (DDP or DeepSpeed ZeRO, optionally a ZeRO-3-sharded teacher).
+"""The process layout of a run: one object whose hooks are the only places where one process and many ranks differ.
 
-The trainer runs the same code either way and calls the session where ranks make a difference: which device,
-who writes files, how the engine and solver are built, how checkpoints and the final student are gathered.
+LocalSession is a plain single process (every hook is trivial); DistributedSession is one rank of a job (DDP or
+DeepSpeed ZeRO, optionally a ZeRO-3-sharded teacher). The run's stages and its one engine builder call the hooks:
+which device, who writes files (is_main, main_first), what is shared between ranks (broadcast, sync_student), where
+the frozen teacher lives (place_teacher, shard_teacher), which engine and solver classes (make_engine,
+build_solver), and how checkpoints and the final student are gathered.
 """
 from __future__ import annotations
 
@@ -13,20 +15,28 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..errors import SafepruneError
+from ..memory import cast_module
 
 log = logging.getLogger("safeprune_engine")
 
 
+def resolve_device(config) -> torch.device:
+    """--device, else cuda when available, else cpu."""
+    if config.device:
+        return torch.device(config.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def needs_distributed(config, resume_meta: dict | None = None) -> bool:
     """Ranks from a launcher, ZeRO, a sharded teacher, or resuming a ZeRO checkpoint."""
-    from .runtime import launched
+    from ..distributed.runtime import launched
 
     zero_checkpoint = bool(resume_meta and resume_meta.get("distributed", {}).get("zero_stage"))
     return launched() or config.zero_stage >= 1 or config.teacher_zero3 or zero_checkpoint
 
 
 def peek_resume_meta(config) -> dict | None:
-    """The checkpoint --resume points at, if it can be read (the trainer reports a bad --resume itself)."""
+    """The checkpoint --resume points at, if it can be read (the run reports a bad --resume itself)."""
     if not config.resume:
         return None
     try:
@@ -43,34 +53,51 @@ def open_session(config):
 
 
 class LocalSession:
-    """A single process: every hook is the trainer's plain behaviour."""
+    """A single process: every hook is the plain behaviour."""
 
     rank, world_size, is_main = 0, 1, True
 
     def __init__(self, config):
-        from ..trainer import resolve_device
-
         self.config = config
         self.device = resolve_device(config)
 
+    # ---- coordination ---------------------------------------------------------------------------------------
     def barrier(self) -> None:
         pass
+
+    def main_first(self, work):
+        """Run `work` (which may write shared files) and return its value."""
+        return work()
+
+    def broadcast(self, module: torch.nn.Module) -> None:
+        """Make every rank hold this process's weights of `module`: nothing to do with one process."""
 
     def sync_student(self, student) -> None:
         pass
 
-    def build_engine(self, config, teacher, student, data_folder, cache_dir, latent_size, progress):
-        from ..trainer import build_engine
+    # ---- what the engine builder asks -----------------------------------------------------------------------
+    def place_teacher(self, unet: torch.nn.Module) -> None:
+        """Put the whole teacher where the one-time passes (cache, trajectory pool, block shapes) run."""
+        unet.to(self.device)
 
-        return build_engine(config, teacher, student, data_folder, cache_dir, latent_size, self.device, progress)
+    def check_objective(self, objective) -> None:
+        """Refuse an objective this layout cannot train (every objective works in one process)."""
 
-    def build_solver(self, engine, config):
+    def shard_teacher(self, unet: torch.nn.Module):
+        """The frozen teacher partitioned across ranks, or None to keep it whole (always, here)."""
+        return None
+
+    def make_engine(self, *args, **kwargs):
+        from ..bilevel.engine import TrainingEngine
+
+        return TrainingEngine(*args, **kwargs)
+
+    def build_solver(self, engine, config, make_optimizer):
         from ..bilevel.solvers import build_solver
-        from ..memory import solver_optimizers
 
-        with solver_optimizers(config):
-            return build_solver(engine, config)
+        return build_solver(engine, config, make_optimizer)
 
+    # ---- after the steps --------------------------------------------------------------------------------------
     def save_checkpoint(self, out, step, student, projections, state, meta, keep) -> Path:
         return ckpt.save_checkpoint(out, step, student, projections, state, meta, keep=keep)
 
@@ -78,8 +105,6 @@ class LocalSession:
         return student
 
     def release_teacher(self, teacher_unet) -> None:
-        from ..trainer import cast_module
-
         cast_module(teacher_unet, torch.float32)
 
     def report(self) -> dict:
@@ -98,31 +123,31 @@ def weight_checksum(module) -> str:
     return hasher.hexdigest()[:16]
 
 
-def check_precisions_supported(config) -> None:
-    """DeepSpeed runs half-precision engines only where its accelerator supports them (its CPU accelerator: bf16)."""
-    from deepspeed.accelerator import get_accelerator
+def check_objective_supported(objective, config) -> None:
+    """Objectives that edit or mask weights directly cannot work on ZeRO-partitioned weights."""
+    from ..unlearn.base import UnlearnObjective
 
-    from ..memory import teacher_precision
-
-    accelerator = get_accelerator()
-    wanted = []
-    if config.zero_stage >= 1 and config.mixed_precision in ("bf16", "fp16"):
-        wanted.append(("--mixed-precision", config.mixed_precision))
-    if config.teacher_zero3 and teacher_precision(config) in ("bf16", "fp16"):
-        wanted.append(("the ZeRO-3 teacher's dtype", teacher_precision(config)))
-    for what, precision in wanted:
-        supported = accelerator.is_bf16_supported() if precision == "bf16" else accelerator.is_fp16_supported()
-        if not supported:
-            raise SafepruneError(f"{what} {precision}: DeepSpeed's {accelerator.device_name()} accelerator does not "
-                                 f"train in {precision}; use bf16 or fp32 there, or --zero-stage 0 without "
-                                 "--teacher-zero3 (torch autocast)")
+    if config.zero_stage < 1 or objective is None:
+        return
+    if objective.latents is None:
+        raise SafepruneError(f"--erase-method {config.erase_method} edits the student's weights in closed form, "
+                             "which ZeRO-partitioned weights do not allow; use --zero-stage 0 (data parallel)")
+    if type(objective).gradient_masks is not UnlearnObjective.gradient_masks:
+        raise SafepruneError(f"--erase-method {config.erase_method} masks gradients element by element through a "
+                             "functional forward, which ZeRO-partitioned weights do not allow; use --zero-stage 0")
 
 
 class DistributedSession:
-    """This process is one rank (possibly of a world of one). See safeprune_engine/distributed/__init__.py."""
+    """This process is one rank (possibly of a world of one). See safeprune_engine/distributed/__init__.py.
+
+    Order of work across ranks in the engine builder: rank 0 runs the one-time cache pass and samples the
+    trajectory pool with the whole teacher while the others wait, then they read both from the (fingerprinted)
+    cache folder, which must be on a filesystem every rank sees; rank 0's feature projections are copied to every
+    rank; with --teacher-zero3 the teacher is partitioned across the ranks.
+    """
 
     def __init__(self, config):
-        from .runtime import init_context
+        from ..distributed.runtime import check_precisions_supported, init_context
 
         need_deepspeed = config.zero_stage >= 1 or config.teacher_zero3
         if need_deepspeed:
@@ -139,7 +164,7 @@ class DistributedSession:
         self.is_main = self.context.is_main
         self.device = self.context.device
         self.solver = None
-        self.teacher_engine = None
+        self.teacher_engine = None  # the ZeRO-3 teacher's DeepSpeed engine, kept alive while its module is used
         if config.nproc > 1 and config.nproc != self.world_size:
             log.warning("--nproc %d but the launcher started %d ranks; using %d", config.nproc, self.world_size,
                         self.world_size)
@@ -151,8 +176,21 @@ class DistributedSession:
                 raise SafepruneError(f"--{name.replace('_', '-')} {value} is the global batch and must split evenly "
                                      f"over {self.world_size} ranks")
 
+    # ---- coordination ---------------------------------------------------------------------------------------
     def barrier(self) -> None:
         self.context.barrier()
+
+    def main_first(self, work):
+        """Rank 0 runs `work` (which may write shared files), then every other rank runs it (and finds them)."""
+        result = work() if self.is_main else None
+        self.barrier()
+        if not self.is_main:
+            result = work()
+        return result
+
+    def broadcast(self, module: torch.nn.Module) -> None:
+        """Every rank takes rank 0's parameters and buffers of `module`."""
+        self.context.broadcast_module(module)
 
     def sync_student(self, student) -> None:
         """Every rank pruned (or loaded) the same student; make sure, then take rank 0's weights."""
@@ -162,19 +200,42 @@ class DistributedSession:
                                  "deterministic across ranks")
         self.context.broadcast_module(student)
 
-    def build_engine(self, config, teacher, student, data_folder, cache_dir, latent_size, progress):
-        from .builder import build_distributed_engine
+    # ---- what the engine builder asks -----------------------------------------------------------------------
+    def place_teacher(self, unet: torch.nn.Module) -> None:
+        """Rank 0 runs the one-time passes on its device; with --teacher-zero3 the other ranks keep the whole
+        teacher off their accelerator (it is partitioned right after)."""
+        if self.is_main or not self.config.teacher_zero3:
+            unet.to(self.device)
 
-        engine, self.teacher_engine = build_distributed_engine(config, teacher, student, data_folder, cache_dir,
-                                                               latent_size, self.context, progress)
-        return engine
+    def check_objective(self, objective) -> None:
+        check_objective_supported(objective, self.config)
 
-    def build_solver(self, engine, config):
-        from .solver import build_solver
+    def shard_teacher(self, unet: torch.nn.Module):
+        """--teacher-zero3: the teacher as this rank's ZeRO-3 partitions (a module called as before), else None."""
+        if not self.config.teacher_zero3:
+            return None
+        from ..distributed.teacher import shard_teacher
 
-        self.solver = build_solver(engine, config)
+        if self.is_main:
+            unet.to("cpu")  # partitions go to each rank's device; the whole copy leaves the accelerator
+        module, self.teacher_engine = shard_teacher(unet, self.config, self.context)
+        return module
+
+    def make_engine(self, *args, **kwargs):
+        from ..distributed.engine import DistributedTrainingEngine
+
+        # under ZeRO the upper forward builds its graph only to the upper parameters (DeepSpeed's backward
+        # reaches whatever the graph reaches)
+        return DistributedTrainingEngine(*args, context=self.context,
+                                         restrict_upper_forward=self.config.zero_stage >= 1, **kwargs)
+
+    def build_solver(self, engine, config, make_optimizer):
+        from ..distributed.solver import build_solver
+
+        self.solver = build_solver(engine, config, make_optimizer)
         return self.solver
 
+    # ---- after the steps --------------------------------------------------------------------------------------
     def _zero(self) -> bool:
         return self.config.zero_stage >= 1
 
@@ -185,7 +246,7 @@ class DistributedSession:
                                         "optimizer_format": zero["kind"] if zero else "torch"}}
         if self._zero():
             from ..distill.losses import FeatureProjections
-            from .solver import gathered_student
+            from ..distributed.solver import gathered_student
 
             student, projection_state = gathered_student(self.solver, include_projections=True)
             if self.is_main and projections is not None:
@@ -206,7 +267,7 @@ class DistributedSession:
         if len(set(self.rank_checksums)) > 1:
             log.warning("ranks ended with different student weights: %s", self.rank_checksums)
         if self._zero() and self.solver is not None and self.solver.ds_engine is not None:
-            from .solver import gathered_student
+            from ..distributed.solver import gathered_student
 
             return gathered_student(self.solver, keep_on_all_ranks=True)
         return student
@@ -227,7 +288,5 @@ class DistributedSession:
 
     def release_teacher(self, teacher_unet) -> None:
         if self.teacher_engine is None:
-            from ..trainer import cast_module
-
             cast_module(teacher_unet, torch.float32)
         # a ZeRO-3 teacher stays partitioned: its weights are not needed after training

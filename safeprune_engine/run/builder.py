@@ -1,0 +1,119 @@
+"""The one engine builder, for one process and for many ranks: cache pass + models in their training dtypes + the
+TrainingEngine that every solver runs on. Where ranks make a difference it asks the session (run/session.py).
+
+The cache pass encodes the data (and concept images or the concept trajectory pool) once, so training steps never
+run the VAE encoder or the text encoder.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig
+from .concepts import encode_concept_prompts, make_concept_source
+
+log = logging.getLogger("safeprune_engine")
+
+
+def block_shapes(unet, latent_size: int, text_shape: tuple[int, int], device) -> dict[str, tuple[int, int, int]]:
+    """Block name -> (C, H, W) of its output, for every block feature distillation can tap, from one forward."""
+    from ..distill.features import BlockTaps
+
+    taps = BlockTaps(unet)
+    param = next(unet.parameters())
+    sample = torch.randn(1, unet.config.in_channels, latent_size, latent_size, device=device, dtype=param.dtype)
+    text = torch.randn(1, *text_shape, device=device, dtype=param.dtype)
+    with torch.no_grad(), taps.capture() as maps:
+        unet(sample, torch.tensor([10], device=device), encoder_hidden_states=text)
+    taps.remove()
+    return {name: tuple(m.shape[1:]) for name, m in zip(taps.names, maps)}
+
+
+def patch_kernels(config: RunConfig, student, teacher_unet) -> list:
+    """--kernels: fused ops in both UNets, in place (state dicts and outputs stay the same). Returns the
+    (unet, PatchRecord) pairs the run undoes before it hands the models back."""
+    if config.kernels == "off":
+        return []
+    from ..patching import patch_unet
+
+    patches = []
+    for unet in (student, teacher_unet):
+        patches.append((unet, patch_unet(unet, backend=config.kernels)))
+        log.info("%s UNet %s", "student" if unet is student else "teacher", patches[-1][1].summary())
+    return patches
+
+
+def build_engine(config: RunConfig, teacher, student, data_folder, cache_dir: Path, latent_size: int, session=None,
+                 progress: bool = True, teacher_unet=None, teacher_fingerprint: str | None = None):
+    """The training engine on this process (one of many ranks, or the only one).
+
+    teacher: the TeacherBundle (encoders and schedulers for the one-time passes); student: the UNet to train (moved,
+    switched to training mode and given its memory options here, in place); teacher_unet: the frozen UNet the steps
+    run (default teacher.unet; cast, moved and patched in place, so the run passes its own working copy of a
+    caller's teacher); teacher_fingerprint: teacher_unet's weights fingerprint (keys the trajectory pool cache;
+    default: computed now); session: the process layout (default a LocalSession of config).
+    """
+    from ..data.cache import build_latent_cache
+    from ..distill.features import pair_feature_blocks
+    from ..distill.losses import FeatureProjections
+    from ..memory import (apply_student_options, apply_teacher_options, cast_module, quantize_teacher_int8,
+                          teacher_torch_dtype, write_int8_report)
+    from ..unlearn.base import build_objective
+
+    if session is None:
+        from .session import LocalSession
+
+        session = LocalSession(config)
+    teacher_unet = teacher.unet if teacher_unet is None else teacher_unet
+    if teacher_fingerprint is None:
+        if teacher_unet is not teacher.unet:
+            raise ValueError("build_engine: pass teacher_fingerprint along with a teacher_unet of your own")
+        teacher_fingerprint = teacher.fingerprint("unet")  # before any cast (a fingerprint covers the dtype)
+    device = session.device
+    progress = progress and session.is_main
+
+    # 1. one-time passes (rank 0 first; the other ranks read what it cached)
+    session.place_teacher(teacher_unet)
+    data_cache = session.main_first(lambda: build_latent_cache(
+        teacher, data_folder, resolution=config.resolution, cache_dir=cache_dir / "data", progress=progress))
+    data_cache = data_cache.to(device)
+    objective = concept_source = prompts = None
+    if config.method != "distill-only":
+        objective = build_objective(config)
+        session.check_objective(objective)
+        prompts = encode_concept_prompts(config, teacher).to(device)
+        concept_source = session.main_first(lambda: make_concept_source(
+            config, teacher, teacher_unet, teacher_fingerprint, prompts, objective, cache_dir, latent_size, device,
+            progress))
+
+    # 2. the student on this device, block shapes, projections (every rank takes rank 0's)
+    student.to(device).train()
+    student.requires_grad_(True)
+    apply_student_options(student, config)
+    text_shape = tuple(data_cache.text_emb.shape[1:])
+    # pairs of same-sized block outputs: every block for width pruning, the kept stages for block removal
+    student_shapes = block_shapes(student, latent_size, text_shape, device)
+    teacher_shapes = block_shapes(teacher_unet, latent_size, text_shape, next(teacher_unet.parameters()).device)
+    feature_pairs = pair_feature_blocks(student_shapes, teacher_shapes)
+    projections = FeatureProjections([student_shapes[s][0] for s, _ in feature_pairs],
+                                     [teacher_shapes[t][0] for _, t in feature_pairs]).to(device)
+    session.broadcast(projections)
+
+    # 3. the frozen teacher: partitioned across ranks, or whole in the training dtype (or --teacher-dtype)
+    sharded = session.shard_teacher(teacher_unet)
+    if sharded is not None:
+        teacher_unet = sharded
+    else:
+        teacher_unet = cast_module(teacher_unet, teacher_torch_dtype(config)).to(device).eval().requires_grad_(False)
+        apply_teacher_options(teacher_unet, config)
+        if config.teacher_int8:
+            report = quantize_teacher_int8(teacher_unet, latent_size, text_shape, seed=config.seed)
+            if session.is_main:
+                write_int8_report(config.out, report)
+    kernel_patches = patch_kernels(config, student, teacher_unet)  # validate() refuses them with ZeRO-3
+    return session.make_engine(
+        student, teacher_unet, teacher.noise_scheduler(), teacher.prediction_type, data_cache, config,
+        concept_source=concept_source, objective=objective, projections=projections, device=device, prompts=prompts,
+        feature_pairs=feature_pairs, kernel_patches=kernel_patches)
