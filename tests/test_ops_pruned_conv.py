@@ -450,3 +450,40 @@ def test_auto_dispatch_picks_the_cuda_conv_for_cuda_inputs_and_skips_cpp_only_on
     assert any("float64" in r for r in dispatch.available_backends(OP, x64, w64)["triton"])
     monkeypatch.setenv(dispatch.ENV_VAR, "reference")
     torch.testing.assert_close(pruned_conv(x, w, padding=1), F.conv2d(x, w, padding=1))
+
+
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "groupnorm-silu-prologue"])
+def test_autocast_bf16_input_with_fp32_weight_matches_torch_autocast(prologue):
+    """Mixed precision training: a bf16 activation meets the fp32 master weight under autocast. The op computes in
+    bf16 like torch's autocast conv, gives x's gradient in bf16 and the weight's in fp32 (a dtype mismatch used to
+    crash the weight-gradient scatter)."""
+    from torch.nn import functional as F
+
+    from safeprune_engine.ops.pruned_conv import pruned_conv
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 6, 9, 9, generator=gen).bfloat16()
+    weight = torch.randn(5, 6, 3, 3, generator=gen) * 0.2
+    bias = torch.randn(5, generator=gen)
+    scale, shift = torch.rand(2, 6, generator=gen) + 0.5, torch.randn(2, 6, generator=gen) * 0.1
+    upstream = torch.randn(2, 5, 9, 9, generator=gen)
+
+    def run(use_op):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, weight, bias))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if use_op:
+                out = pruned_conv(xs, ws, bs, padding=1, norm_scale=scale if prologue else None,
+                                  norm_shift=shift if prologue else None)
+            else:
+                a = xs
+                if prologue:  # fp32 prologue rounded to bf16, as the op defines it
+                    a = F.silu(xs.float() * scale[:, :, None, None] + shift[:, :, None, None]).bfloat16()
+                out = F.conv2d(a, ws, bs, padding=1)
+        (out.float() * upstream).sum().backward()
+        return out, xs.grad, ws.grad, bs.grad
+
+    ours, theirs = run(True), run(False)
+    assert ours[0].dtype == theirs[0].dtype == torch.bfloat16
+    assert ours[1].dtype == torch.bfloat16 and ours[2].dtype == ours[3].dtype == torch.float32
+    for mine, ref in zip(ours, theirs):
+        torch.testing.assert_close(mine.float(), ref.float(), atol=0.1, rtol=2e-2)

@@ -91,7 +91,9 @@ def _reference_backward(grad_out, x, weight, in_index, out_index, stride, paddin
         a = F.silu(z).to(x.dtype)
     else:
         a = xg
-    w = weight.index_select(0, out_index).index_select(1, in_index)
+    # under autocast a bf16/fp16 x meets fp32 master weights: the conv ran in x's dtype, the weight's gradient
+    # is returned in the weight's own dtype
+    w = weight.index_select(0, out_index).index_select(1, in_index).to(x.dtype)
     grad_acc = (grad_out * out_scale if out_scale != 1.0 else grad_out).to(x.dtype)
     grad_a, grad_w_kept, _ = torch.ops.aten.convolution_backward(
         grad_acc, a, w, None, [stride, stride], [padding, padding], [1, 1], False, [0, 0], 1,
@@ -108,7 +110,7 @@ def _reference_backward(grad_out, x, weight, in_index, out_index, stride, paddin
         grad_x = torch.zeros_like(x).index_copy_(1, in_index, grad_a) if gather_input else grad_a
     if need_weight:
         grad_w = torch.zeros_like(weight)
-        grad_w[out_index[:, None], in_index[None, :]] = grad_w_kept
+        grad_w[out_index[:, None], in_index[None, :]] = grad_w_kept.to(weight.dtype)
     return grad_x, grad_w, grad_sc, grad_sh
 
 
