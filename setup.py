@@ -10,29 +10,17 @@ Environment switches: SAFEPRUNE_SKIP_NATIVE=1 builds neither (the ops then run o
 SAFEPRUNE_SKIP_CUDA=1 builds only the CPU library; SAFEPRUNE_CUDA_ARCHS="8.0;9.0" picks the GPU architectures
 (default: torch's TORCH_CUDA_ARCH_LIST rule, i.e. the visible GPUs); SAFEPRUNE_NVCC_THREADS (default 4) and
 MAX_JOBS (default from free memory) bound the build's parallelism. The Triton kernels live in the top-level
-kernels/ folder and are installed as safeprune_engine.kernels.
+kernels/ folder and are installed as safeprune_engine.kernels (see safeprune_engine/kernels.py).
 """
 import os
 
-from setuptools import setup
-
-PACKAGES = [
-    "safeprune_engine",
-    "safeprune_engine.models",
-    "safeprune_engine.prune",
-    "safeprune_engine.distill",
-    "safeprune_engine.unlearn",
-    "safeprune_engine.bilevel",
-    "safeprune_engine.data",
-    "safeprune_engine.toy",
-    "safeprune_engine.eval",
-    "safeprune_engine.kernels",
-    "safeprune_engine.ops",
-]
-
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
+# every package with an __init__.py (new ones ship without editing this file), plus the Triton kernels: the top-level
+# kernels/ folder has no __init__.py (so that it never shadows the PyPI package `kernels`) and is mapped by package_dir
+PACKAGES = find_packages(HERE, include=["safeprune_engine", "safeprune_engine.*"]) + ["safeprune_engine.kernels"]
 
 
 def _csrc(predicate) -> list[str]:
