@@ -4,7 +4,7 @@
 #      unless set),
 #   2. prints `python -m safeprune_engine.info`,
 #   3. runs the kernel tests with CUDA tensors (every test parametrised over cpu + cuda runs its cuda cases),
-#   4. runs benchmarks/kernels.py --device cuda.
+#   4. runs benchmarks/fused_ops.py --device cuda.
 # Results and logs go to $OUT when set, else benchmarks/results/. Usage: bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +38,7 @@ timeout 120 "$PY" -m pytest -q -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$DE
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "kernel benchmark"
-timeout 150 "$PY" benchmarks/kernels.py --device cuda --out "$DEST/kernels-cuda.json" 2>&1 | tee "$DEST/gpu_check_bench.log" | tail -60
+timeout 150 "$PY" benchmarks/fused_ops.py --device cuda --out "$DEST/fused_ops-cuda.json" 2>&1 | tee "$DEST/gpu_check_bench.log" | tail -60
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "done (status $status)"

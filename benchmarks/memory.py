@@ -32,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
-    sys.path.pop(0)  # the script's folder: its kernels.py would shadow the `kernels` package bitsandbytes probes
+    sys.path.pop(0)  # the script's folder: its scripts are not modules to import (harness is loaded by path)
 try:
     import safeprune_engine  # noqa: F401  (installed, or found next to benchmarks/)
 except ImportError:

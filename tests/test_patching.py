@@ -203,13 +203,6 @@ def test_patch_errors(dense_unet, monkeypatch):
         unpatch_unet(dense_unet, record)
 
 
-def test_exposed_lazily_as_safeprune_engine_kernels_patch_unet():
-    import importlib
-
-    kernels = importlib.import_module("safeprune_engine.kernels")
-    assert kernels.patch_unet is patch_unet and kernels.unpatch_unet is unpatch_unet
-
-
 # ----------------------------------------------------------------------------------------------- the engine
 def test_training_run_with_cpp_kernels_matches_kernels_off(tmp_path):
     """Two steps of a full bilevel run (CLI) with --kernels cpp: the losses of --kernels off, within fp32 noise."""

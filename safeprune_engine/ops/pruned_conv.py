@@ -194,7 +194,7 @@ class CppBackend(_NativeBackend):
         return native.native_reasons(NATIVE_OPS, "CPU")
 
     def auto_skip_reasons(self, *args, **kwargs):
-        # measured on AVX-512 (benchmarks/results/kernels-cpu.json): 0.65-1.3x of torch's oneDNN convolution of
+        # measured on AVX-512 (benchmarks/results/fused_ops-cpu.json): 0.65-1.3x of torch's oneDNN convolution of
         # the same pruned shape, mostly below 1, with or without the fused prologue/epilogue. A CPU measurement:
         # it speaks only for CPU tensors (without inputs, for the CPU this backend runs on)
         tensors = dispatch.tensors_in(list(args) + list(kwargs.values()))

@@ -6,10 +6,10 @@ torch.compile, where --compile allows), and reference points ("copy": a torch co
 for an elementwise op; on CPU "torch_eager_inplace" for GroupNorm + SiLU with an in-place SiLU). Each result has the
 median time, achieved GB/s over the op's minimal traffic and over the traffic of our kernels, TFLOP/s, and their
 fractions of the device ceilings measured in the same run (a large copy's bandwidth, a large matmul's throughput).
-JSON goes to benchmarks/results/kernels-<cpu|cuda>.json (--out to change).
+JSON goes to benchmarks/results/fused_ops-<cpu|cuda>.json (--out to change).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/kernels.py              # CPU: batch 1-2, a few shapes (~3 min)
-    python benchmarks/kernels.py --device cuda                           # GPU: batch 1, 8, 32, all shapes
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/fused_ops.py              # CPU: batch 1-2, a few shapes (~3 min)
+    python benchmarks/fused_ops.py --device cuda                           # GPU: batch 1, 8, 32, all shapes
 
 Adding an op: write `<op>_cases(device, quick) -> list[Case]` below next to
 `groupnorm_silu_cases`: one Case per (shape, dtype, mode) with `setup(device)` returning {provider: zero-argument
@@ -428,7 +428,7 @@ def speedups(case: Case, device: torch.device) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernels-<device>.json)")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/fused_ops-<device>.json)")
     parser.add_argument("--ops", default=None, help="comma-separated op names (default: all)")
     parser.add_argument("--quick", action="store_true", help="two shapes per op (a smoke run)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
@@ -447,7 +447,7 @@ def main(argv=None) -> int:
     ceilings = measure_ceilings(device, min_time)
     print(f"ceilings: copy {ceilings['copy_gbps']:.1f} GB/s, "
           + ", ".join(f"{k} {v:.2f}" for k, v in ceilings.items() if k.endswith("tflops")))
-    out = Path(args.out) if args.out else HERE / "results" / f"kernels-{device.type}.json"
+    out = Path(args.out) if args.out else HERE / "results" / f"fused_ops-{device.type}.json"
     wanted = None if args.ops is None else set(args.ops.split(","))
     cases = [c for build in CASE_BUILDERS for c in build(device, args.quick) if wanted is None or c.op in wanted]
     rows = []
@@ -464,11 +464,11 @@ def main(argv=None) -> int:
         gains = ", ".join(f"{k} {v:.2f}x" for k, v in row["speedups"].items())
         print(f"{case.name}: {timing}" + (f" | {gains}" if gains else ""), flush=True)
         if len(rows) % 10 == 0:  # a run cut short by a time limit still leaves its results
-            write_json(out, {"benchmark": "kernels", "device": device_description(device), "partial": True,
+            write_json(out, {"benchmark": "fused_ops", "device": device_description(device), "partial": True,
                              "ceilings": ceilings, "cases": rows})
     busy_after = wait_for_quiet(0.0, 1e9, window_s=1.0) if device.type == "cpu" else None
     result = {
-        "benchmark": "kernels", "device": device_description(device), "device_type": device.type,
+        "benchmark": "fused_ops", "device": device_description(device), "device_type": device.type,
         "torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda,
         "threads": torch.get_num_threads(), "cpu_isa": _cpu_isa(),
         "machine_busy_cpus_before": busy_before, "machine_busy_cpus_after": busy_after,
