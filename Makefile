@@ -13,8 +13,9 @@ EXTRAS := .[dev,scale,kernels]
 # torch first, pinned: any other spec pulls a multi-GB CUDA build on CPU machines.
 TORCH := torch==2.13.0
 PYTEST_ARGS ?=
-# parallel test workers (pytest-xdist); XDIST= runs the suite in one process
-XDIST ?= -n auto
+# parallel test workers (pytest-xdist), one test file at a time per worker: a module's fixtures (multi-rank runs,
+# tiny pipelines) are built once and its subprocess launches never compete with each other; XDIST= runs one process
+XDIST ?= -n auto --dist loadfile
 # OpenMP threads that spin while waiting make small-model CPU runs 10-40x slower whenever anything else runs
 export OMP_WAIT_POLICY ?= PASSIVE
 
