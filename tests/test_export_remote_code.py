@@ -254,3 +254,20 @@ def test_safeprune_prune_export_remote_code_flag(tmp_path, capsys):
     shipped = remote / "unet" / f"{REMOTE_CODE_MODULE}.py"
     assert shipped.read_bytes() == Path(pruned_unet.__file__).read_bytes()
     assert json.loads((remote / "model_index.json").read_text())["unet"][0] == REMOTE_CODE_MODULE
+
+
+def test_safeprune_run_export_remote_code_flag(tmp_path, capsys):
+    """`safeprune run --export-remote-code` ships the pruned UNet class in the run's exported pipeline."""
+    from safeprune_engine.cli import main
+    from safeprune_engine.testing import save_tiny_pipeline, write_image_folder
+
+    teacher_dir = save_tiny_pipeline(tmp_path / "teacher", seed=0)
+    data = write_image_folder(tmp_path / "data", ["a red square", "a blue square"] * 2, size=16)
+    out = tmp_path / "run"
+    assert main(["run", "--teacher", str(teacher_dir), "--data", str(data), "--method", "distill-only",
+                 "--steps", "1", "--batch-size", "2", "--resolution", "16", "--no-progress",
+                 "--export-remote-code", "--out", str(out)]) == 0
+    capsys.readouterr()
+    shipped = out / "pipeline" / "unet" / f"{REMOTE_CODE_MODULE}.py"
+    assert shipped.read_bytes() == Path(pruned_unet.__file__).read_bytes()
+    assert json.loads((out / "pipeline" / "model_index.json").read_text())["unet"][0] == REMOTE_CODE_MODULE

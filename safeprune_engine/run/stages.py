@@ -155,7 +155,8 @@ def export_student(session, config: RunConfig, teacher_bundle, student, out: Pat
     pipeline_dir = out / "pipeline"
     if session.is_main:
         export_pipeline(teacher_bundle, student, pipeline_dir,
-                        dtype=None if config.export_dtype == "fp32" else DTYPES[config.export_dtype])
+                        dtype=None if config.export_dtype == "fp32" else DTYPES[config.export_dtype],
+                        remote_code=config.export_remote_code)
     return pipeline_dir
 
 
