@@ -78,14 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_config_from_args(args) -> "RunConfig":
-    from .config import RunConfig
+def settings_from_args(args) -> tuple["RunConfig", set[str]]:
+    """The run's RunConfig (the --config file, then the flags over it) and the fields the user set there, whatever
+    their value: the built-in default fills in only the others, so an explicit value equal to RunConfig's default
+    is still honoured. The file is read once."""
+    from .config import RunConfig, read_config_file
 
-    config = RunConfig.from_file(args.config) if args.config else RunConfig()
+    file_values = read_config_file(args.config) if args.config else {}
     overrides = {name: getattr(args, name) for name in given_flags(args)}
     if isinstance(overrides.get("anchor"), list) and len(overrides["anchor"]) == 1:
         overrides["anchor"] = overrides["anchor"][0]  # one anchor for every concept: the plain form
-    return dataclasses.replace(config, **overrides)  # validated by train(), after built-in defaults
+    config = dataclasses.replace(RunConfig(**file_values), **overrides)  # validated by train(), after defaults
+    return config, set(file_values) | set(overrides)
+
+
+def run_config_from_args(args) -> "RunConfig":
+    return settings_from_args(args)[0]
 
 
 def given_flags(args) -> list[str]:
@@ -96,25 +104,19 @@ def given_flags(args) -> list[str]:
 
 
 def explicit_fields(args) -> set[str]:
-    """RunConfig fields the user set (flags or config-file keys), whatever their value: the built-in default
-    fills in only the others, so an explicit value equal to RunConfig's default is still honoured."""
-    names = set(given_flags(args))
-    if args.config:
-        from .config import read_config_file
-
-        names |= set(read_config_file(args.config))
-    return names
+    """RunConfig fields the user set (flags or config-file keys); see settings_from_args."""
+    return settings_from_args(args)[1]
 
 
 def command_run(args) -> int:
     from .api import train
 
-    config = run_config_from_args(args)
+    config, explicit = settings_from_args(args)
     if config.teacher is None:
         # the built-in default: the toy world, one student per method, evaluated and reported
         from .toy.default_run import METHODS, run_default
 
-        run_default(config, methods=(args.method,) if args.method else METHODS, explicit=explicit_fields(args))
+        run_default(config, methods=(args.method,) if args.method else METHODS, explicit=explicit)
         return 0
     result = train(config)
     import os
