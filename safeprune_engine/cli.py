@@ -82,12 +82,12 @@ def settings_from_args(args) -> tuple["RunConfig", set[str]]:
     """The run's RunConfig (the --config file, then the flags over it) and the fields the user set there, whatever
     their value: the built-in default fills in only the others, so an explicit value equal to RunConfig's default
     is still honoured. The file is read once."""
-    from .config import RunConfig, read_config_file
+    from .config import RunConfig, checked_settings, read_config_file
 
     file_values = read_config_file(args.config) if args.config else {}
-    overrides = {name: getattr(args, name) for name in given_flags(args)}
-    if isinstance(overrides.get("anchor"), list) and len(overrides["anchor"]) == 1:
-        overrides["anchor"] = overrides["anchor"][0]  # one anchor for every concept: the plain form
+    # the same normalisation as a file's values (e.g. one --anchor is the plain form for every concept)
+    overrides = checked_settings({name: getattr(args, name) for name in given_flags(args)},
+                                 lambda name, part: f"{flag(name)}: ")
     config = dataclasses.replace(RunConfig(**file_values), **overrides)  # validated by train(), after defaults
     return config, set(file_values) | set(overrides)
 
