@@ -21,6 +21,7 @@ CONFIG_VERSION = 1
 METHODS = ("bilevel", "alternating", "two-stage", "distill-only")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 KERNEL_MODES = ("auto", "off", "triton", "cuda", "cpp")  # --kernels: fused ops for the UNets (patch_unet)
+OUTER_OPTIMIZERS = ("factored", "adamw-8bit", "adamw")  # --outer-optimizer (memory.optimizer_factory)
 
 # Fields that define *what* a run computes. A run directory refuses to continue under different values.
 IDENTITY_FIELDS = (
@@ -30,7 +31,7 @@ IDENTITY_FIELDS = (
     "upper_every", "two_stage_erase_steps", "esd_pool_size", "esd_ddim_steps", "esd_guidance",
     "prune_method", "prune_calibration_batches", "preserve", "preserve_weight", "uce_when", "uce_lambda",
     "salun_base", "salun_topk", "salun_batches",
-    "use_8bit_adam", "teacher_int8", "teacher_dtype",
+    "use_8bit_adam", "outer_optimizer", "teacher_int8", "teacher_dtype", "concept_targets", "concept_target_pool",
 )
 LAUNCHERS = ("deepspeed", "torchrun")
 ZERO_STAGES = (0, 1, 2, 3)
@@ -107,6 +108,13 @@ class RunConfig:
     esd_pool_size: int = setting(64, "trajectory latents per concept when there is no --erase-data")
     esd_ddim_steps: int = setting(20, "DDIM steps of the trajectory sampler")
     esd_guidance: float = setting(3.0, "guidance scale of the trajectory sampler")
+    concept_targets: str = setting(
+        "cached", "the teacher's upper-level predictions: cached (computed once, before training, for a fixed pool of "
+        "concept rows: the trajectory pool, or --concept-target-pool noised draws of --erase-data; upper steps then "
+        "run no concept rows through the teacher) or live (every upper step runs its concept rows through the "
+        "teacher, with fresh noise for --erase-data)", choices=("cached", "live"))
+    concept_target_pool: int = setting(512, "cached --concept-targets with --erase-data (or anchor images): the "
+                                       "number of fixed noised draws whose teacher predictions are stored")
     uce_when: str = setting("after", "uce: closed-form edit before | after training, or every:N steps")
     uce_lambda: float = setting(0.1, "uce: weight of keeping the edited matrices close to their old values")
     salun_base: str = setting("concept-ablation-model", "salun: the gradient objective whose updates the saliency "
@@ -135,7 +143,12 @@ class RunConfig:
     gradient_checkpointing: bool = setting(False, "recompute student activations in backward (less memory, more "
                                            "time)")
     channels_last: bool = setting(False, "NHWC memory format for the UNets' convolutions")
-    use_8bit_adam: bool = setting(False, "bitsandbytes AdamW8bit states for every solver optimizer")
+    use_8bit_adam: bool = setting(False, "bitsandbytes AdamW8bit states for the optimizers that step every "
+                                  "iteration (the once-per-period one: --outer-optimizer)")
+    outer_optimizer: str = setting(
+        "factored", "optimizer of the once-per-period step (bilevel's outer step, alternating's upper step): "
+        "factored (AdamW's step with an Adafactor-factored second moment and no first moment: ~0 bytes per "
+        "parameter), adamw-8bit (bitsandbytes, 2 bytes) or adamw (torch, 8 bytes)", choices=OUTER_OPTIMIZERS)
     teacher_int8: bool = setting(False, "bitsandbytes int8 Linear layers in the teacher (the output error is "
                                  "reported)")
     teacher_dtype: str | None = setting(None, "dtype of the frozen teacher", choices=TEACHER_DTYPES,
@@ -200,6 +213,11 @@ class RunConfig:
             raise SafepruneError(
                 f"unknown mixed precision {self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISION)}"
             )
+        if self.outer_optimizer not in OUTER_OPTIMIZERS:
+            raise SafepruneError(f"unknown --outer-optimizer {self.outer_optimizer!r}; choose one of "
+                                 f"{', '.join(OUTER_OPTIMIZERS)}")
+        if self.concept_targets not in ("cached", "live"):
+            raise SafepruneError(f"unknown --concept-targets {self.concept_targets!r}; choose cached or live")
         if self.kernels not in KERNEL_MODES:
             raise SafepruneError(f"unknown --kernels {self.kernels!r}; choose one of {', '.join(KERNEL_MODES)}")
         if self.kernels != "off":
@@ -256,7 +274,7 @@ class RunConfig:
                 raise SafepruneError(f"--target-macs must be in (0, 1], got {self.target_macs}")
         elif self.prune_ratio is None or not 0.0 < self.prune_ratio < 1.0:
             raise SafepruneError(f"--prune-ratio must be in (0, 1) (exclusive), got {self.prune_ratio}")
-        for name in ("steps", "batch_size", "bilevel_inner_steps", "upper_every", "esd_pool_size",
+        for name in ("steps", "batch_size", "bilevel_inner_steps", "upper_every", "esd_pool_size", "concept_target_pool",
                      "esd_ddim_steps", "keep_checkpoints", "log_every", "prune_calibration_batches", "salun_batches"):
             if getattr(self, name) < 1:
                 raise SafepruneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

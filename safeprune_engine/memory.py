@@ -28,26 +28,121 @@ def require_bitsandbytes(option: str):
 
 
 # ---- optimizer states ----------------------------------------------------------------------------------------
-def adamw(params, lr: float) -> torch.optim.Optimizer:
-    """torch AdamW with its defaults; foreach=False keeps CPU runs bit-reproducible across resume regardless of
-    how tensors are grouped."""
-    return torch.optim.AdamW(params, lr=lr, foreach=False)
+# Every optimizer of a solver is built by the run's factory as make_optimizer(params, lr, role): role "lower" for
+# the optimizers that step every iteration (the lower level, two-stage's phases), "outer" for the ones that step
+# once per period (bilevel's outer step, alternating's upper step). A state used once per period is mostly idle
+# memory, so the outer role gets a compact one by default (--outer-optimizer).
 
 
-def adamw_8bit(params, lr: float) -> torch.optim.Optimizer:
+def adamw(params, lr: float, role: str = "lower") -> torch.optim.Optimizer:
+    """torch AdamW with its defaults, fused: one vectorised pass per tensor (about 4x faster than the per-tensor
+    loop on CPU, one kernel launch on CUDA), and each tensor is updated on its own, so results do not depend on
+    how tensors are grouped and a resumed run repeats an uninterrupted one bit for bit."""
+    params = list(params)
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                for p in _param_list(params))
+    return torch.optim.AdamW(params, lr=lr, foreach=False if not fused else None, fused=fused or None)
+
+
+def adamw_8bit(params, lr: float, role: str = "lower") -> torch.optim.Optimizer:
     """bitsandbytes AdamW8bit with torch AdamW's defaults (betas 0.9/0.999, eps 1e-8, weight decay 0.01).
 
     Moments are kept as blockwise-quantised uint8 (2 bytes per parameter instead of 8); tensors under 4096
     elements keep 32-bit states, as bitsandbytes does by default.
     """
-    bnb = require_bitsandbytes("--use-8bit-adam")
+    bnb = require_bitsandbytes("--use-8bit-adam / --outer-optimizer adamw-8bit")
     return bnb.optim.AdamW8bit(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 
 
+def _param_list(params: list) -> list:
+    out = []
+    for item in params:
+        out.extend(item["params"] if isinstance(item, dict) else [item])
+    return out
+
+
+class FactoredAdamW(torch.optim.Optimizer):
+    """AdamW's update without its first moment and with Adafactor's factored second moment (Shazeer & Stern, 2018):
+    a matrix-shaped gradient G (R x C; conv weights as out x in*k*k) keeps the running means of G^2 over its rows and
+    over its columns, R + C numbers instead of 2*R*C, and estimates V = (row_mean outer col_mean) / mean(row_mean).
+    Vectors keep a full second moment. The step is lr * G / (sqrt(V_hat) + eps), bias-corrected like Adam's and
+    clipped to an RMS of at most `clip` (Adafactor's safeguard for the missing momentum), plus AdamW's decoupled
+    weight decay; so the learning rate means what it means for AdamW.
+
+    Used for the once-per-period outer / upper step: about 0.1% of AdamW's 8 bytes per parameter.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2,
+                 clip: float = 1.0):
+        if lr <= 0 or not 0.0 <= beta2 < 1.0 or eps <= 0 or weight_decay < 0 or clip <= 0:
+            raise ValueError(f"FactoredAdamW: bad settings lr={lr} beta2={beta2} eps={eps} "
+                             f"weight_decay={weight_decay} clip={clip}")
+        super().__init__(params, dict(lr=lr, beta2=beta2, eps=eps, weight_decay=weight_decay, clip=clip))
+
+    @staticmethod
+    def _matrix(tensor: torch.Tensor) -> torch.Tensor | None:
+        """The 2-D view the second moment is factored over, or None for a vector (kept whole)."""
+        return tensor.reshape(tensor.shape[0], -1) if tensor.dim() >= 2 and tensor[0].numel() > 1 else None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, beta2, eps, wd, clip = (group[k] for k in ("lr", "beta2", "eps", "weight_decay", "clip"))
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError("FactoredAdamW does not support sparse gradients")
+                grad = param.grad.float()
+                state = self.state[param]
+                matrix = self._matrix(grad)
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    if matrix is None:
+                        state["exp_avg_sq"] = torch.zeros_like(grad)
+                    else:
+                        state["exp_avg_sq_row"] = grad.new_zeros(matrix.shape[0])
+                        state["exp_avg_sq_col"] = grad.new_zeros(matrix.shape[1])
+                state["step"] += 1
+                correction = 1.0 - beta2 ** float(state["step"])
+                squared = grad.square().add_(1e-30)
+                if matrix is None:
+                    state["exp_avg_sq"].lerp_(squared, 1.0 - beta2)
+                    denom = (state["exp_avg_sq"] / correction).sqrt_().add_(eps)
+                else:
+                    squared = self._matrix(squared)
+                    row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+                    row.lerp_(squared.mean(dim=1), 1.0 - beta2)
+                    col.lerp_(squared.mean(dim=0), 1.0 - beta2)
+                    scale = 1.0 / (row.mean() * correction)
+                    denom = torch.outer(row * scale, col).sqrt_().add_(eps).reshape(grad.shape)
+                update = grad.div_(denom)
+                update.div_((update.square().mean().sqrt() / clip).clamp_(min=1.0))
+                if wd:
+                    param.mul_(1.0 - lr * wd)
+                param.add_(update.to(param.dtype), alpha=-lr)
+        return loss
+
+
+def factored_adamw(params, lr: float, role: str = "outer") -> torch.optim.Optimizer:
+    return FactoredAdamW(params, lr=lr)
+
+
 def optimizer_factory(config):
-    """The optimizer every solver optimizer is built with, as (params, lr) -> optimizer: bitsandbytes AdamW8bit
-    with --use-8bit-adam, else torch AdamW. The run passes it to the solver's constructor."""
-    return adamw_8bit if config.use_8bit_adam else adamw
+    """The factory every solver optimizer is built with, as (params, lr, role) -> optimizer: role "lower" takes
+    bitsandbytes AdamW8bit with --use-8bit-adam, else torch AdamW; role "outer" (once-per-period steps) takes
+    --outer-optimizer. The run passes it to the solver's constructor."""
+    lower = adamw_8bit if config.use_8bit_adam else adamw
+    outer = {"factored": factored_adamw, "adamw-8bit": adamw_8bit, "adamw": adamw}[config.outer_optimizer]
+
+    def make(params, lr: float, role: str = "lower") -> torch.optim.Optimizer:
+        return (outer if role == "outer" else lower)(params, lr, role)
+
+    return make
 
 
 # ---- precisions ------------------------------------------------------------------------------------------------

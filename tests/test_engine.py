@@ -65,8 +65,9 @@ def test_exactly_one_frozen_forward_per_step_and_no_encoders(tmp_path, method):
 
 
 def test_teacher_pass_batches_data_and_concept_rows(tmp_path):
-    engine, _, _ = make_engine(tmp_path)
+    engine, _, _ = make_engine(tmp_path, concept_targets="live")
     data, concept = engine.sample_data_batch(), engine.sample_concept_batch()
+    assert concept.teacher_predictions is None
     shapes = []
     hook = engine.teacher.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(args[0].shape),
                                                     with_kwargs=True)
@@ -80,9 +81,41 @@ def test_teacher_pass_batches_data_and_concept_rows(tmp_path):
         data_alone = engine.teacher(data.latents, data.timesteps, encoder_hidden_states=data.text_emb).sample
     torch.testing.assert_close(out.concept_predictions["anchor"], alone, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out.data_prediction, data_alone, atol=1e-5, rtol=1e-4)
-    # only the data rows' block outputs are kept: 2 down + mid + 2 up for the tiny UNet
+    # only the data rows' block outputs are kept, as copies (a view would keep all 6 rows alive)
     assert len(out.data_features) == 5 and all(f.shape[0] == 2 for f in out.data_features)
     assert all(not f.requires_grad for f in out.data_features)
+    assert all(f.untyped_storage().nbytes() == f.numel() * f.element_size() for f in out.data_features)
+    assert out.data_prediction.untyped_storage().nbytes() == out.data_prediction.numel() * 4
+    # the taps keep nothing once the pass is over
+    assert all(o is None for o in engine.teacher_taps.outputs)
+    out.release_data()
+    assert out.data_prediction is None and out.data_features == []
+
+
+def test_cached_concept_targets_are_the_teachers_and_skip_its_concept_rows(tmp_path):
+    """Cached targets (the default): the pool's stored predictions equal live teacher forwards on the same rows
+    under each condition, and a step's teacher forward then holds the data rows only."""
+    engine, _, _ = make_engine(tmp_path)
+    assert len(engine.concepts) == 4  # every row of the trajectory pool (esd_pool_size 4, one prompt)
+    data, concept = engine.sample_data_batch(), engine.sample_concept_batch()
+    assert set(concept.teacher_predictions) == {"concept", "anchor"}
+    shapes = []
+    hook = engine.teacher.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(args[0].shape),
+                                                    with_kwargs=True)
+    out = engine.teacher_pass(data, concept)
+    hook.remove()
+    assert shapes == [torch.Size([2, 4, 8, 8])]
+    with torch.no_grad():
+        for name in ("concept", "anchor"):
+            live = engine.teacher(concept.latents, concept.timesteps,
+                                  encoder_hidden_states=concept.conditions[name]).sample
+            torch.testing.assert_close(out.concept_predictions[name], live, atol=1e-5, rtol=1e-4)
+    # another frozen model (two-stage's reference) never takes the teacher's stored predictions
+    other = engine.teacher_pass(None, concept, features=False, model=engine.student)
+    with torch.no_grad():
+        student = engine.student(concept.latents, concept.timesteps,
+                                 encoder_hidden_states=concept.conditions["anchor"]).sample
+    torch.testing.assert_close(other.concept_predictions["anchor"], student, atol=1e-5, rtol=1e-4)
 
 
 def test_v_prediction_target_is_velocity(tmp_path):
@@ -182,7 +215,7 @@ class RecordingAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def recording_adamw(params, lr):
+def recording_adamw(params, lr, role="lower"):
     return RecordingAdamW(params, lr=lr, foreach=False)
 
 
@@ -200,7 +233,7 @@ def test_lower_steps_train_the_whole_student(tmp_path, method):
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
     for copy, grad in zip(copies, g_ft):
         copy.grad = grad
-    torch.optim.AdamW(copies, lr=engine.config.lr, foreach=False).step()
+    torch.optim.AdamW(copies, lr=engine.config.lr, fused=True).step()  # what memory.adamw builds
     before = snapshot(engine.student)
 
     scalars = solver.step(0)  # a lower-only step for every method here
@@ -244,7 +277,7 @@ def test_bilevel_outer_step_mixes_upper_and_lower_gradients(tmp_path):
     assert optimizer is solver.optimizers["outer"]
     for param, ft, cu in zip(params, g_ft, g_cu):
         expected = sum(g for g in (None if ft is None else lam * ft, cu) if g is not None)
-        torch.testing.assert_close(seen[id(param)], expected, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(seen[id(param)], expected, rtol=1e-5, atol=1e-7)  # oneDNN threads reorder sums
 
 
 def test_alternating_upper_optimizer_has_its_own_learning_rate(tmp_path):
@@ -276,7 +309,7 @@ def test_concept_images_with_stripped_anchor(tmp_path):
     concept_dir = write_image_folder(tmp_path / "concept", ["a red square by monet", "a blue circle by Monet"],
                                      size=16)
     engine, solver, teacher = make_engine(tmp_path, method="alternating", erase_data=str(concept_dir),
-                                          anchor="strip")
+                                          anchor="strip", concept_targets="live")
     from safeprune_engine.data.cache import encode_prompts
     from safeprune_engine.unlearn.sources import ImageConceptSource
 
@@ -327,7 +360,8 @@ def test_trajectory_prompts_with_stripped_anchor(tmp_path):
     from safeprune_engine.data.cache import encode_prompts
 
     prompts = ["a red square by monet", "a blue square by Monet"]
-    engine, _, teacher = make_engine(tmp_path, erase_prompts=prompts, anchor="strip", esd_pool_size=2)
+    engine, _, teacher = make_engine(tmp_path, erase_prompts=prompts, anchor="strip", esd_pool_size=2,
+                                     concept_targets="live")
     pool = engine.concepts
     assert sorted(pool.concept_index.tolist()) == [0, 0, 1, 1]  # esd_pool_size trajectories per prompt
     torch.testing.assert_close(pool.concept_emb, encode_prompts(teacher, prompts))

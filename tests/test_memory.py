@@ -1,11 +1,13 @@
 """Memory options in a single process: teacher dtype, gradient checkpointing, channels-last, 8-bit Adam states."""
+import io
+
 import pytest
 import torch
 
 from safeprune_engine.bilevel.solvers import build_solver
 from safeprune_engine.config import RunConfig
 from safeprune_engine.data.imagefolder import ImageFolder
-from safeprune_engine.memory import optimizer_factory, teacher_precision
+from safeprune_engine.memory import FactoredAdamW, optimizer_factory, teacher_precision
 from safeprune_engine.models.teacher import bundle_from_pipeline
 from safeprune_engine.prune.width import prune
 from safeprune_engine.testing import tiny_pipeline, write_image_folder
@@ -59,7 +61,7 @@ def test_gradient_checkpointing_and_channels_last_keep_the_losses(tmp_path):
 
 def test_8bit_adam_solver_optimizers(tmp_path):
     pytest.importorskip("bitsandbytes")
-    engine, solver = engine_and_solver(tmp_path, use_8bit_adam=True)
+    engine, solver = engine_and_solver(tmp_path, use_8bit_adam=True, outer_optimizer="adamw-8bit")
     assert {type(o).__name__ for o in solver.optimizers.values()} == {"AdamW8bit"}
     before = {n: p.detach().clone() for n, p in engine.student.named_parameters()}
     scalars = run_steps(solver)
@@ -72,9 +74,66 @@ def test_8bit_adam_solver_optimizers(tmp_path):
     path = tmp_path / "state.pt"
     torch.save(state, path)
     assert torch.load(path, weights_only=True)["optimizers"]["lower"]["state"]
-    # the factory is chosen per run: without --use-8bit-adam it builds torch AdamW
+    # the factory is chosen per run and role: without --use-8bit-adam the lower role gets torch AdamW, and the
+    # once-per-period outer role the compact default whatever --use-8bit-adam says
     plain = optimizer_factory(RunConfig(erase=["x"]))
     assert type(plain([torch.nn.Parameter(torch.zeros(3))], 1e-3)) is torch.optim.AdamW
+    assert type(plain([torch.nn.Parameter(torch.zeros(3))], 1e-3, "outer")) is FactoredAdamW
+    lean = optimizer_factory(RunConfig(erase=["x"], use_8bit_adam=True))
+    assert type(lean([torch.nn.Parameter(torch.zeros(3))], 1e-3, "outer")) is FactoredAdamW
+
+
+def adam_without_momentum(param, grads, lr, beta2=0.999, eps=1e-8, weight_decay=1e-2, clip=1.0):
+    """The update FactoredAdamW approximates, written out with a full (unfactored) second moment."""
+    value, second = param.clone(), torch.zeros_like(param)
+    for step, grad in enumerate(grads, 1):
+        second = beta2 * second + (1 - beta2) * grad * grad
+        update = grad / ((second / (1 - beta2 ** step)).sqrt() + eps)
+        update = update / max(1.0, float(update.pow(2).mean().sqrt()) / clip)
+        value = value * (1 - lr * weight_decay) - lr * update
+    return value
+
+
+@pytest.mark.parametrize("shape", [(7,), (6, 5), (8, 3, 3, 3)])
+def test_factored_adamw_matches_its_definition(shape):
+    """Where the squared gradients are rank one (|G| = a b^T, so row and column means determine them exactly), the
+    factored second moment equals the full one and FactoredAdamW takes exactly Adam's momentum-free steps; vectors
+    keep a full second moment always. The states are R + C numbers, not R x C."""
+    torch.manual_seed(len(shape))
+    rows, cols = shape[0], int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1
+    magnitude = (torch.rand(rows, 1) + 0.1) * (torch.rand(1, cols) + 0.1)  # rank one, positive
+    grads = [(magnitude * torch.randn(rows, cols).sign()).reshape(shape) * 10 ** -k for k in range(3)]
+    param = torch.nn.Parameter(torch.randn(shape))
+    expected = adam_without_momentum(param.detach(), grads, lr=1e-2)
+    optimizer = FactoredAdamW([param], lr=1e-2)
+    for grad in grads:
+        param.grad = grad.clone()
+        optimizer.step()
+    torch.testing.assert_close(param.detach(), expected, rtol=1e-5, atol=1e-6)
+    state_numbers = sum(t.numel() for k, t in optimizer.state[param].items() if k != "step")
+    assert state_numbers == (rows if len(shape) == 1 else rows + cols)
+
+
+def test_factored_adamw_trains_and_saves_memory():
+    """A general (not rank-one) problem: it still minimises, with a state far below AdamW's, and its state dict is
+    tensors that load with weights_only."""
+    torch.manual_seed(0)
+    target = torch.randn(64, 48)
+    weight = torch.nn.Parameter(torch.zeros(64, 48))
+    optimizer = FactoredAdamW([weight], lr=3e-2, weight_decay=0.0)
+    start = float((weight - target).detach().pow(2).mean())
+    for _ in range(200):
+        optimizer.zero_grad()
+        (weight - target).pow(2).mean().backward()
+        optimizer.step()
+    assert float((weight - target).detach().pow(2).mean()) < 0.05 * start
+    state_bytes = sum(t.numel() * t.element_size() for t in optimizer.state[weight].values())
+    assert state_bytes < 0.05 * 2 * weight.numel() * 4  # AdamW keeps two full fp32 moments
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    restored = FactoredAdamW([torch.nn.Parameter(weight.detach().clone())], lr=3e-2)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
 
 
 def test_export_dtype_casts_the_fp32_student(tmp_path):

@@ -1,11 +1,14 @@
 """The shared-teacher training step machinery that every solver runs on.
 
-Per step the teacher runs ONCE: the data rows (for output and feature distillation) and, when the upper level
-is active, the concept rows under every condition the objective asks for (for ESD: concept and anchor; with
---preserve prompts also "preserve") are concatenated along the batch into a single inference-mode forward.
-Hooks keep only the data rows' block outputs. The student runs once on the data rows and, on upper steps, once
-on the concept rows (with the preserve rows in the same batch), so that a restricted parameter set (ESD-x/-u,
-SalUn's mask) receives only its own share of the upper gradient.
+Per step the teacher runs ONCE, over every row the step needs that has no stored prediction: the data rows (output
+and feature distillation) and, on upper steps with live concept targets, the concept rows under every condition the
+objective asks for (ESD: concept and anchor; with --preserve prompts also "preserve"), concatenated along the batch.
+With cached concept targets (the default) the teacher's predictions on a fixed concept pool are computed once
+before training (cache_concept_targets), and upper steps run no concept rows through the teacher at all.
+Hooks keep only the data rows' block outputs, as copies when the batch holds other rows. The student runs once on
+the data rows and, on upper steps, once on the concept rows (with the preserve rows in the same batch), so that a
+restricted parameter set (ESD-x/-u, SalUn's mask) receives only its own share of the upper gradient; solvers drop
+every lower-level tensor (teacher features, taps, predictions) before that upper forward.
 """
 from __future__ import annotations
 
@@ -39,6 +42,12 @@ class TeacherOutputs:
     data_prediction: torch.Tensor | None = None  # (B, C, h, w)
     data_features: list[torch.Tensor] = field(default_factory=list)  # block outputs of the data rows
     concept_predictions: dict[str, torch.Tensor] = field(default_factory=dict)  # condition -> (Bc, C, h, w)
+
+    def release_data(self) -> None:
+        """Drop the lower level's tensors (what the upper loss does not read), so the upper forward runs without
+        them resident."""
+        self.data_prediction = None
+        self.data_features = []
 
 
 @dataclass
@@ -166,32 +175,61 @@ class TrainingEngine:
         model: the frozen model to run (default the teacher; two-stage passes its frozen copy of the student).
         """
         model = self.teacher if model is None else model
+        stored = (concept.teacher_predictions if concept is not None and model is self.teacher else None)
         latents, timesteps, conditions, sizes = [], [], [], []
         if data is not None:
             latents.append(data.latents), timesteps.append(data.timesteps), conditions.append(data.text_emb)
             sizes.append(("data", data.latents.shape[0]))
-        if concept is not None:
+        if concept is not None and stored is None:
             for name in self.teacher_conditions:
                 latents.append(concept.latents), timesteps.append(concept.timesteps)
                 conditions.append(concept.conditions[name])
                 sizes.append((name, concept.latents.shape[0]))
+        outputs = TeacherOutputs(concept_predictions=dict(stored) if stored is not None else {})
         if not latents:
-            return TeacherOutputs()
+            return outputs
         dtype = next(model.parameters()).dtype
         keep_features = features and data is not None and model is self.teacher
-        rows = slice(0, data.latents.shape[0]) if keep_features else None
-        capture = self.teacher_taps.capture(rows=rows, detach=True) if keep_features else nullcontext([])
+        # a slice of the batched output would keep every row alive: copy the data rows when there are others
+        rows = slice(0, data.latents.shape[0]) if keep_features and len(sizes) > 1 else None
+        capture = self.teacher_taps.capture(rows=rows, detach=True, copy=True) if keep_features else nullcontext([])
         with capture as feature_maps, self.autocast():
             prediction = model(
                 torch.cat(latents).to(dtype), torch.cat(timesteps), encoder_hidden_states=torch.cat(conditions).to(dtype)
             ).sample
-        outputs = TeacherOutputs(data_features=list(feature_maps) if keep_features else [])
-        for (name, size), chunk in zip(sizes, prediction.split([s for _, s in sizes])):
+        outputs.data_features = list(feature_maps) if keep_features else []
+        chunks = prediction.split([s for _, s in sizes])
+        for (name, _), chunk in zip(sizes, chunks):
+            # views of one batched output keep all of it alive: each loss gets its own rows
+            chunk = chunk.clone() if len(sizes) > 1 else chunk
             if name == "data":
                 outputs.data_prediction = chunk
             else:
                 outputs.concept_predictions[name] = chunk
         return outputs
+
+    @torch.no_grad()
+    def cache_concept_targets(self, rows: int, chunk: int | None = None, progress: bool = False) -> None:
+        """Compute the teacher's predictions once for a fixed pool of concept rows (every row of a trajectory pool,
+        else `rows` fixed noised draws) and sample upper batches from that pool from now on, so that upper steps
+        run no concept rows through the teacher. Uses its own generator: the run's draws are unchanged."""
+        from tqdm.auto import tqdm
+
+        from ..unlearn.sources import CachedTargetSource, pool_batches
+
+        if self.objective is None or self.objective.latents is None or self.concepts is None:
+            return
+        if not self.teacher_conditions:  # e.g. noise-based Concept Ablation: nothing to compute
+            return
+        chunk = chunk or self.config.effective_concept_batch_size
+        generator = torch.Generator(device=self.device).manual_seed(self.config.seed + 1)
+        batches = pool_batches(self.concepts, rows, chunk, generator)
+        predictions: dict[str, list[torch.Tensor]] = {name: [] for name in self.teacher_conditions}
+        for batch in tqdm(batches, desc="teacher targets of the concept pool", disable=not progress):
+            outputs = self.teacher_pass(None, batch, features=False)
+            for name in predictions:
+                predictions[name].append(outputs.concept_predictions[name])
+        self.concepts = CachedTargetSource(batches, {k: torch.cat(v) for k, v in predictions.items()})
 
     # ---- losses ------------------------------------------------------------------------------------
     def lower_loss(self, data: DataBatch, teacher: TeacherOutputs, runner: nn.Module | None = None) -> LowerLoss:
@@ -212,6 +250,7 @@ class TrainingEngine:
         }
         if need_features:
             parts["feat"] = feature_kd_loss(list(student_maps), teacher.data_features, self.projections)
+        del student_maps  # the taps keep no reference; the graph holds what backward needs
         total = cfg.w_diff * parts["diff"] + cfg.w_out * parts["out"]
         if need_features:
             total = total + cfg.w_feat * parts["feat"]

@@ -18,14 +18,15 @@ from typing import Callable
 
 import torch
 
-from ..memory import adamw
+from ..memory import optimizer_factory
 from ..registry import Registry
 from .engine import TrainingEngine, accumulate_gradients
 
 SOLVERS: Registry = Registry("method")
 
-# (params, lr) -> optimizer: how every optimizer of a solver is built (memory.optimizer_factory picks it per run)
-OptimizerFactory = Callable[[list, float], torch.optim.Optimizer]
+# (params, lr, role) -> optimizer: how every optimizer of a solver is built (memory.optimizer_factory picks it per
+# run); role "lower" steps every iteration, "outer" once per period (bilevel's outer, alternating's upper step)
+OptimizerFactory = Callable[[list, float, str], torch.optim.Optimizer]
 
 
 def as_float(value) -> float:
@@ -36,7 +37,7 @@ class Solver:
     """One `step(iteration)` per training step; returns fp32 scalars to log.
 
     Everything a solver needs comes through its constructor: the engine (read, never modified), the config and
-    make_optimizer, the factory of its optimizers (default torch AdamW). `runner` is the module that runs the
+    make_optimizer, the factory of its optimizers (default memory.optimizer_factory(config)). `runner` is the module that runs the
     student's forwards, handed to the engine's loss calls (None: the student itself; the ZeRO solver's DeepSpeed
     engine once it exists).
     """
@@ -45,7 +46,7 @@ class Solver:
 
     def __init__(self, engine: TrainingEngine, config, make_optimizer: OptimizerFactory | None = None):
         self.engine, self.config = engine, config
-        self.make_optimizer = make_optimizer or adamw
+        self.make_optimizer = make_optimizer or optimizer_factory(config)
         self.runner = None
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         # fp16 autocast needs loss scaling against gradient underflow; a disabled scaler is a pass-through
@@ -122,7 +123,7 @@ class Alternating(Solver):
     def __init__(self, engine, config, make_optimizer=None):
         super().__init__(engine, config, make_optimizer)
         self.optimizers["lower"] = self.make_optimizer(engine.lower_parameters(), config.lr)
-        self.optimizers["upper"] = self.make_optimizer(engine.upper_parameters(), config.effective_lr_upper)
+        self.optimizers["upper"] = self.make_optimizer(engine.upper_parameters(), config.effective_lr_upper, "outer")
 
     def is_upper_step(self, iteration: int) -> bool:
         return iteration % self.config.upper_every == self.config.upper_every - 1
@@ -138,6 +139,7 @@ class Alternating(Solver):
             return self.scalars(lower)
         # the upper step sees the weights the lower step just produced, as in the reference loop
         self.zero_grad()
+        teacher.release_data()
         upper = self.engine.upper_loss(concept, teacher, runner=self.runner)
         self.accumulate(upper, self.engine.upper_parameters())
         self.optimizer_step("upper")
@@ -150,7 +152,7 @@ class Bilevel(Solver):
     def __init__(self, engine, config, make_optimizer=None):
         super().__init__(engine, config, make_optimizer)
         self.optimizers["lower"] = self.make_optimizer(engine.lower_parameters(), config.lr)
-        self.optimizers["outer"] = self.make_optimizer(engine.lower_parameters(), config.effective_lr_upper)
+        self.optimizers["outer"] = self.make_optimizer(engine.lower_parameters(), config.effective_lr_upper, "outer")
         self.value_estimate: float | None = None  # tracked min L_ft (the value function)
         self.ema_lower: float | None = None
 
@@ -176,6 +178,7 @@ class Bilevel(Solver):
             self.track_value(as_float(lower.total))
             return self.scalars(lower, value_estimate=self.value_estimate)
         self.backward(lower.total * lam)
+        teacher.release_data()
         upper = self.engine.upper_loss(concept, teacher, runner=self.runner)
         self.accumulate(upper, self.engine.upper_parameters())
         self.optimizer_step("outer")

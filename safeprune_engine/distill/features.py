@@ -45,7 +45,9 @@ class BlockTaps:
 
     names: the blocks to tap, in the order their outputs are listed (default: every block of ``feature_blocks``).
     rows: an optional slice of the batch to keep (the teacher's batched forward serves several losses and
-    only the data rows feed feature distillation). detach: drop the graph (teacher) or keep it (student).
+    only the data rows feed feature distillation); copy: keep those rows as a copy, not a view that would keep
+    the whole batched output alive. detach: drop the graph (teacher) or keep it (student). The taps hold the
+    recorded outputs only while capturing: the caller's list is the only reference afterwards.
     """
 
     def __init__(self, unet: nn.Module, names: list[str] | None = None):
@@ -58,6 +60,7 @@ class BlockTaps:
         self.enabled = False
         self.rows: slice | None = None
         self.detach = False
+        self.copy = False
         self._handles = [blocks[name].register_forward_hook(self._make_hook(i)) for i, name in enumerate(self.names)]
 
     def _make_hook(self, index: int):
@@ -65,21 +68,24 @@ class BlockTaps:
             if not self.enabled:
                 return
             hidden = output[0] if isinstance(output, (tuple, list)) else output
+            if self.detach:
+                hidden = hidden.detach()
             if self.rows is not None:
-                hidden = hidden[self.rows]
-            self.outputs[index] = hidden.detach() if self.detach else hidden
+                hidden = hidden[self.rows].clone() if self.copy else hidden[self.rows]
+            self.outputs[index] = hidden
 
         return hook
 
     @contextmanager
-    def capture(self, rows: slice | None = None, detach: bool = False):
+    def capture(self, rows: slice | None = None, detach: bool = False, copy: bool = False):
         """Record block outputs for the forwards inside the block; yields the list they land in."""
         self.outputs = [None] * len(self.names)
-        self.enabled, self.rows, self.detach = True, rows, detach
+        self.enabled, self.rows, self.detach, self.copy = True, rows, detach, copy
         try:
             yield self.outputs
         finally:
             self.enabled, self.rows = False, None
+            self.outputs = [None] * len(self.names)  # the yielded list stays the caller's; no reference kept here
 
     def remove(self) -> None:
         for handle in self._handles:

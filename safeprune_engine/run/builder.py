@@ -7,6 +7,7 @@ run the VAE encoder or the text encoder.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,6 +30,24 @@ def block_shapes(unet, latent_size: int, text_shape: tuple[int, int], device) ->
         unet(sample, torch.tensor([10], device=device), encoder_hidden_states=text)
     taps.remove()
     return {name: tuple(m.shape[1:]) for name, m in zip(taps.names, maps)}
+
+
+@contextmanager
+def encoders_on(teacher, device):
+    """The VAE and the text encoder on the training device for the one-time passes, and back where they were
+    afterwards: training never runs them, so they hold no accelerator memory during the steps (export and eval use
+    them from there)."""
+    modules = [m for m in (teacher.vae, teacher.text_encoder) if m is not None]
+    homes = [next(m.parameters()).device for m in modules]
+    try:
+        for module in modules:
+            module.to(device)
+        yield
+    finally:
+        for module, home in zip(modules, homes):
+            module.to(home)
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def patch_kernels(config: RunConfig, student, teacher_unet) -> list:
@@ -61,6 +80,7 @@ def build_engine(config: RunConfig, teacher, student, data_folder, cache_dir: Pa
     from ..memory import (apply_student_options, apply_teacher_options, cast_module, quantize_teacher_int8,
                           teacher_torch_dtype, write_int8_report)
     from ..unlearn.base import build_objective
+    from ..unlearn.sources import CachedTargetSource
 
     if session is None:
         from .session import LocalSession
@@ -74,19 +94,20 @@ def build_engine(config: RunConfig, teacher, student, data_folder, cache_dir: Pa
     device = session.device
     progress = progress and session.is_main
 
-    # 1. one-time passes (rank 0 first; the other ranks read what it cached)
+    # 1. one-time passes (rank 0 first; the other ranks read what it cached), the encoders' only use
     session.place_teacher(teacher_unet)
-    data_cache = session.main_first(lambda: build_latent_cache(
-        teacher, data_folder, resolution=config.resolution, cache_dir=cache_dir / "data", progress=progress))
-    data_cache = data_cache.to(device)
     objective = concept_source = prompts = None
-    if config.method != "distill-only":
-        objective = build_objective(config)
-        session.check_objective(objective)
-        prompts = encode_concept_prompts(config, teacher).to(device)
-        concept_source = session.main_first(lambda: make_concept_source(
-            config, teacher, teacher_unet, teacher_fingerprint, prompts, objective, cache_dir, latent_size, device,
-            progress))
+    with encoders_on(teacher, device):
+        data_cache = session.main_first(lambda: build_latent_cache(
+            teacher, data_folder, resolution=config.resolution, cache_dir=cache_dir / "data", progress=progress))
+        data_cache = data_cache.to(device)
+        if config.method != "distill-only":
+            objective = build_objective(config)
+            session.check_objective(objective)
+            prompts = encode_concept_prompts(config, teacher).to(device)
+            concept_source = session.main_first(lambda: make_concept_source(
+                config, teacher, teacher_unet, teacher_fingerprint, prompts, objective, cache_dir, latent_size,
+                device, progress))
 
     # 2. the student on this device, block shapes, projections (every rank takes rank 0's)
     student.to(device).train()
@@ -113,7 +134,16 @@ def build_engine(config: RunConfig, teacher, student, data_folder, cache_dir: Pa
             if session.is_main:
                 write_int8_report(config.out, report)
     kernel_patches = patch_kernels(config, student, teacher_unet)  # validate() refuses them with ZeRO-3
-    return session.make_engine(
+    engine = session.make_engine(
         student, teacher_unet, teacher.noise_scheduler(), teacher.prediction_type, data_cache, config,
         concept_source=concept_source, objective=objective, projections=projections, device=device, prompts=prompts,
         feature_pairs=feature_pairs, kernel_patches=kernel_patches)
+
+    # 4. the teacher's upper-level targets on a fixed concept pool, once (two-stage's targets come from the student
+    # it freezes mid-run, so they cannot be computed now)
+    if config.concept_targets == "cached" and config.method in ("bilevel", "alternating"):
+        engine.cache_concept_targets(config.concept_target_pool, progress=progress)
+        if isinstance(engine.concepts, CachedTargetSource):
+            log.info("concept targets: %d pool rows x %d conditions cached (%.1f MiB)", len(engine.concepts),
+                     len(engine.concepts.predictions), engine.concepts.nbytes() / 2**20)
+    return engine

@@ -36,7 +36,9 @@ class ConceptBatch:
     least "concept" (what the student is fed) and "anchor" (what the concept is steered towards), and
     "preserve" when --preserve prompts are given. target: (Bc, C, h, w) the diffusion target of z_t (noise or
     velocity), known only when z_t was made from a clean latent. concept: (Bc,) index of the --erase concept
-    each row belongs to.
+    each row belongs to. teacher_predictions: condition -> (Bc, C, h, w), the teacher's predictions on these rows
+    when they come from a pool whose targets were computed once (CachedTargetSource); None: the step's teacher
+    forward computes them.
     """
 
     latents: torch.Tensor
@@ -44,6 +46,7 @@ class ConceptBatch:
     conditions: dict[str, torch.Tensor]
     target: torch.Tensor | None = None
     concept: torch.Tensor | None = None
+    teacher_predictions: dict[str, torch.Tensor] | None = None
 
 
 @dataclass

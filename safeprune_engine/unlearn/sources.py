@@ -172,8 +172,14 @@ class TrajectoryConceptSource(_PromptPoolSource):
                           concept_emb, anchor_emb, prompt_concept, preserve_emb)
 
     def sample(self, batch_size: int, generator: torch.Generator, concept: int | None = None) -> ConceptBatch:
-        index, which, conditions = self._draw_rows(batch_size, generator, concept)
-        conditions = _with_preserve(conditions, self.preserve_emb, batch_size, generator)
+        index, _, _ = self._draw_rows(batch_size, generator, concept)
+        return self.rows(index, generator)
+
+    def rows(self, index: torch.Tensor, generator: torch.Generator) -> ConceptBatch:
+        """The batch of these pool rows (a preserve prompt, when given, drawn at random per row)."""
+        which = self.row_prompt[index]
+        conditions = {"concept": self.concept_emb[which], "anchor": self.anchor_emb[which]}
+        conditions = _with_preserve(conditions, self.preserve_emb, index.shape[0], generator)
         return ConceptBatch(latents=self.latents[index], timesteps=self.timesteps[index], conditions=conditions,
                             concept=self.prompt_concept[which])
 
@@ -212,6 +218,63 @@ class AnchorImageSource(_PromptPoolSource):
             target=_diffusion_target(self.scheduler, self.prediction_type, z0, noise, t),
             concept=self.prompt_concept[which],
         )
+
+
+class CachedTargetSource:
+    """A fixed pool of concept rows with the teacher's predictions on them, computed once before training, so that
+    upper steps run no concept rows through the teacher (ConceptBatch.teacher_predictions carries them).
+
+    batches: the pool's rows as ConceptBatches (every row's latents, timesteps, conditions, target, concept);
+    predictions: condition -> (P, C, h, w), the teacher's prediction on every row under that condition. Condition
+    embeddings are stored once per distinct embedding (a table and each row's index into it), so a pool of P rows
+    costs P latents and P predictions per condition, not P copies of (L, D) text embeddings.
+    """
+
+    def __init__(self, batches: list[ConceptBatch], predictions: dict[str, torch.Tensor]):
+        if not batches:
+            raise ValueError("CachedTargetSource needs at least one row")
+        first = batches[0]
+        self.latents = torch.cat([b.latents for b in batches])
+        self.timesteps = torch.cat([b.timesteps for b in batches])
+        self.target = None if first.target is None else torch.cat([b.target for b in batches])
+        self.concept = None if first.concept is None else torch.cat([b.concept for b in batches])
+        self.tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name in first.conditions:
+            stacked = torch.cat([b.conditions[name] for b in batches])
+            table, index = torch.unique(stacked.flatten(1), dim=0, return_inverse=True)
+            self.tables[name] = (table.reshape(-1, *stacked.shape[1:]), index)
+        rows = self.latents.shape[0]
+        bad = {k: tuple(v.shape) for k, v in predictions.items() if v.shape[0] != rows}
+        if bad:
+            raise ValueError(f"predictions for {bad} do not cover the pool's {rows} rows")
+        self.predictions = predictions
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def nbytes(self) -> int:
+        tensors = [self.latents, self.timesteps, self.target, self.concept, *self.predictions.values()]
+        tensors += [t for pair in self.tables.values() for t in pair]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def sample(self, batch_size: int, generator: torch.Generator, concept: int | None = None) -> ConceptBatch:
+        index = _draw(len(self), batch_size, generator, self.latents.device, self.concept, concept)
+        return ConceptBatch(
+            latents=self.latents[index], timesteps=self.timesteps[index],
+            conditions={name: table[rows[index]] for name, (table, rows) in self.tables.items()},
+            target=None if self.target is None else self.target[index],
+            concept=None if self.concept is None else self.concept[index],
+            teacher_predictions={name: p[index] for name, p in self.predictions.items()},
+        )
+
+
+def pool_batches(source, rows: int, chunk: int, generator: torch.Generator) -> list[ConceptBatch]:
+    """The rows of a cached target pool, in chunks: every row of a trajectory pool once (it is fixed already), else
+    `rows` draws of the source (concept images or anchor images noised at random timesteps, fixed from now on)."""
+    if isinstance(source, TrajectoryConceptSource):
+        everything = torch.arange(len(source), device=source.latents.device)
+        return [source.rows(index, generator) for index in everything.split(chunk)]
+    return [source.sample(min(chunk, rows - start), generator) for start in range(0, rows, chunk)]
 
 
 @torch.inference_mode()
