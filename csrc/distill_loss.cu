@@ -1,4 +1,5 @@
 // Fused multi-tensor distillation loss CUDA kernels (launchers declared in distill_loss.cuh).
+#include <algorithm>
 #include <type_traits>
 
 #include "cuda_common.cuh"
@@ -61,14 +62,13 @@ __device__ __forceinline__ void with_types(const DistillPair& p, Fn&& fn) {
   }
 }
 
-__global__ void __launch_bounds__(kThreads) forward_kernel(const DistillPair* __restrict__ pairs,
-                                                           const int64_t* __restrict__ first_chunk, int num_pairs,
-                                                           float* __restrict__ partial) {
+// partial: this launch's slice of the per-chunk partials
+__global__ void __launch_bounds__(kThreads) forward_kernel(const DistillLaunch launch, float* __restrict__ partial) {
   __shared__ float scratch[32];
   const int64_t chunk = blockIdx.x;
-  const int i = find_pair(first_chunk, num_pairs, chunk);
-  const DistillPair p = pairs[i];
-  const int64_t start = (chunk - first_chunk[i]) * kDistillChunk;
+  const int i = find_pair(launch.first_chunk, launch.num_pairs, chunk);
+  const DistillPair p = launch.pairs[i];
+  const int64_t start = (chunk - launch.first_chunk[i]) * kDistillChunk;
   const int64_t end = min(start + kDistillChunk, p.numel);
   float acc = 0.f;
   with_types(p, [&](auto s_tag, auto t_tag) {
@@ -90,13 +90,12 @@ __global__ void __launch_bounds__(kThreads) sum_kernel(const float* __restrict__
   if (threadIdx.x == 0) *loss = acc;
 }
 
-__global__ void __launch_bounds__(kThreads) backward_kernel(const DistillPair* __restrict__ pairs,
-                                                            const int64_t* __restrict__ first_chunk, int num_pairs,
+__global__ void __launch_bounds__(kThreads) backward_kernel(const DistillLaunch launch,
                                                             const float* __restrict__ upstream) {
   const int64_t chunk = blockIdx.x;
-  const int i = find_pair(first_chunk, num_pairs, chunk);
-  const DistillPair p = pairs[i];
-  const int64_t start = (chunk - first_chunk[i]) * kDistillChunk;
+  const int i = find_pair(launch.first_chunk, launch.num_pairs, chunk);
+  const DistillPair p = launch.pairs[i];
+  const int64_t start = (chunk - launch.first_chunk[i]) * kDistillChunk;
   const int64_t end = min(start + kDistillChunk, p.numel);
   const float k = *upstream * p.scale;
   with_types(p, [&](auto s_tag, auto t_tag) {
@@ -106,19 +105,51 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const DistillPair* _
   });
 }
 
+// calls launch_fn(launch, chunks, first_chunk_overall) for each group of up to kDistillMaxPairsPerLaunch pairs
+// with at least one chunk; built on the host, so launching reads no device memory
+template <typename Fn>
+cudaError_t for_each_launch(const DistillPair* pairs, int num_pairs, Fn&& launch_fn) {
+  int64_t done = 0;
+  for (int begin = 0; begin < num_pairs; begin += kDistillMaxPairsPerLaunch) {
+    DistillLaunch launch{};
+    launch.num_pairs = std::min(kDistillMaxPairsPerLaunch, num_pairs - begin);
+    int64_t chunks = 0;
+    for (int i = 0; i < launch.num_pairs; ++i) {
+      launch.pairs[i] = pairs[begin + i];
+      launch.first_chunk[i] = chunks;
+      chunks += distill_chunks(launch.pairs[i].numel);
+    }
+    if (chunks > 0) launch_fn(launch, chunks, done);
+    const cudaError_t status = cudaGetLastError();
+    if (status != cudaSuccess) return status;
+    done += chunks;
+  }
+  return cudaSuccess;
+}
+
 }  // namespace
 
-cudaError_t distill_loss_forward(const DistillPair* pairs, const int64_t* first_chunk, int num_pairs, int64_t chunks,
-                                 float* partial, float* loss, cudaStream_t stream) {
-  if (chunks > 0) forward_kernel<<<chunks, kThreads, 0, stream>>>(pairs, first_chunk, num_pairs, partial);
-  sum_kernel<<<1, kThreads, 0, stream>>>(partial, chunks, loss);
+int64_t distill_total_chunks(const DistillPair* pairs, int num_pairs) {
+  int64_t chunks = 0;
+  for (int i = 0; i < num_pairs; ++i) chunks += distill_chunks(pairs[i].numel);
+  return chunks;
+}
+
+cudaError_t distill_loss_forward(const DistillPair* pairs, int num_pairs, float* partial, float* loss,
+                                 cudaStream_t stream) {
+  const cudaError_t status = for_each_launch(pairs, num_pairs, [&](const DistillLaunch& launch, int64_t chunks,
+                                                                   int64_t done) {
+    forward_kernel<<<chunks, kThreads, 0, stream>>>(launch, partial + done);
+  });
+  if (status != cudaSuccess) return status;
+  sum_kernel<<<1, kThreads, 0, stream>>>(partial, distill_total_chunks(pairs, num_pairs), loss);
   return cudaGetLastError();
 }
 
-cudaError_t distill_loss_backward(const DistillPair* pairs, const int64_t* first_chunk, int num_pairs, int64_t chunks,
-                                  const float* upstream, cudaStream_t stream) {
-  if (chunks > 0) backward_kernel<<<chunks, kThreads, 0, stream>>>(pairs, first_chunk, num_pairs, upstream);
-  return cudaGetLastError();
+cudaError_t distill_loss_backward(const DistillPair* pairs, int num_pairs, const float* upstream, cudaStream_t stream) {
+  return for_each_launch(pairs, num_pairs, [&](const DistillLaunch& launch, int64_t chunks, int64_t) {
+    backward_kernel<<<chunks, kThreads, 0, stream>>>(launch, upstream);
+  });
 }
 
 }  // namespace cuda

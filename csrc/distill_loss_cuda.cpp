@@ -1,9 +1,10 @@
-// Torch glue of the fused distillation-loss CUDA kernels: checks, the device table of pairs, the current stream,
+// Torch glue of the fused distillation-loss CUDA kernels: checks, the host table of pairs, the current stream,
 // CUDA registration of the schema defined in distill_loss_cpu.cpp. Built only into safeprune_engine._C_cuda.
+// No device->host or blocking host->device traffic per call: the pair table goes to the kernels as launch
+// arguments (distill_loss.cuh), so a call only queues work on the current stream.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <cstring>
 #include <vector>
 
 #include "checks.h"
@@ -29,7 +30,7 @@ DistillElement element_type(const at::Tensor& t) {
 
 struct Work {
   std::vector<at::Tensor> students, teachers;  // kept alive until the kernels are queued
-  at::Tensor table, first_chunk;                // on the device
+  std::vector<DistillPair> pairs;               // host table, passed to the kernels by value
   int64_t chunks = 0;
 };
 
@@ -40,8 +41,6 @@ Work prepare(at::TensorList students, at::TensorList teachers, at::ArrayRef<doub
               "distill_loss: need as many teachers and weights as students");
   TORCH_CHECK(!students.empty(), "distill_loss (cuda): no pairs");
   Work w;
-  std::vector<DistillPair> host(students.size());
-  std::vector<int64_t> firsts(students.size());
   for (size_t i = 0; i < students.size(); ++i) {
     at::Tensor s = students[i], t = teachers[i];
     SAFEPRUNE_CHECK_DEVICE(s, at::kCUDA);
@@ -55,17 +54,12 @@ Work prepare(at::TensorList students, at::TensorList teachers, at::ArrayRef<doub
     }
     w.students.push_back(s);
     w.teachers.push_back(t);
-    host[i] = DistillPair{s.const_data_ptr(), t.const_data_ptr(), grads ? (*grads)[i].mutable_data_ptr() : nullptr,
-                          s.numel(), static_cast<float>(factor * weights[i] / std::max<int64_t>(1, s.numel())),
-                          element_type(s), element_type(t)};
-    firsts[i] = w.chunks;
+    w.pairs.push_back(DistillPair{s.const_data_ptr(), t.const_data_ptr(),
+                                  grads ? (*grads)[i].mutable_data_ptr() : nullptr, s.numel(),
+                                  static_cast<float>(factor * weights[i] / std::max<int64_t>(1, s.numel())),
+                                  element_type(s), element_type(t)});
     w.chunks += safeprune::cuda::distill_chunks(s.numel());
   }
-  const auto device = students[0].device();
-  at::Tensor table = at::empty({static_cast<int64_t>(host.size() * sizeof(DistillPair))}, at::kByte);
-  std::memcpy(table.mutable_data_ptr(), host.data(), host.size() * sizeof(DistillPair));
-  w.table = table.to(device);
-  w.first_chunk = at::tensor(firsts, at::kLong).to(device);
   return w;
 }
 
@@ -76,9 +70,8 @@ at::Tensor forward(at::TensorList students, at::TensorList teachers, at::ArrayRe
   at::Tensor partial = at::empty({std::max<int64_t>(1, w.chunks)}, f32);
   at::Tensor loss = at::empty({}, f32);
   const cudaError_t status = safeprune::cuda::distill_loss_forward(
-      static_cast<const DistillPair*>(w.table.const_data_ptr()), w.first_chunk.const_data_ptr<int64_t>(),
-      static_cast<int>(students.size()), w.chunks, partial.mutable_data_ptr<float>(), loss.mutable_data_ptr<float>(),
-      c10::cuda::getCurrentCUDAStream().stream());
+      w.pairs.data(), static_cast<int>(w.pairs.size()), partial.mutable_data_ptr<float>(),
+      loss.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(status == cudaSuccess, "distill_loss_forward (cuda) failed: ", cudaGetErrorString(status));
   return loss;
 }
@@ -94,10 +87,11 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, at::TensorList students
     grads.push_back(at::empty_like(keeps_layout ? s : s.contiguous()));
   }
   Work w = prepare(students, teachers, weights, 2.0, &grads);
-  const at::Tensor upstream = grad.to(students[0].device(), at::kFloat).reshape({});
+  // autograd hands the gradient on the loss's device, so this is at most an on-device cast, never a copy
+  SAFEPRUNE_CHECK_SAME_DEVICE(grad, students[0]);
+  const at::Tensor upstream = grad.to(at::kFloat).reshape({});
   const cudaError_t status = safeprune::cuda::distill_loss_backward(
-      static_cast<const DistillPair*>(w.table.const_data_ptr()), w.first_chunk.const_data_ptr<int64_t>(),
-      static_cast<int>(students.size()), w.chunks, upstream.const_data_ptr<float>(),
+      w.pairs.data(), static_cast<int>(w.pairs.size()), upstream.const_data_ptr<float>(),
       c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(status == cudaSuccess, "distill_loss_backward (cuda) failed: ", cudaGetErrorString(status));
   return grads;

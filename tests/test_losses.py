@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from safeprune_engine.distill.losses import (FeatureProjections, diffusion_loss, feature_kd_loss, min_snr_weights,
-                                             output_kd_loss)
+from safeprune_engine.distill.losses import (FeatureProjections, diffusion_loss, distillation_losses,
+                                             feature_kd_loss, min_snr_weights, output_kd_loss)
+from safeprune_engine.ops import dispatch
 from safeprune_engine.unlearn.esd import ESDCrossAttention, ESDUnconditional, esd_target
 
 
@@ -60,6 +61,75 @@ def test_feature_kd_is_mean_over_maps_and_projects_mismatched_widths():
     assert feature_kd_loss(student, teacher, projections).item() == pytest.approx(expected.item(), rel=1e-6)
     with pytest.raises(ValueError):
         feature_kd_loss(student[:1], teacher)
+
+
+# (student channels, teacher channels, H=W) per map: equal widths, pruned widths (projected), several resolutions
+MAP_SETS = [
+    [(8, 8, 6), (12, 16, 3)],
+    [(20, 20, 8), (40, 40, 4), (80, 80, 2), (80, 80, 2), (60, 80, 4), (30, 40, 8)],
+    [(5, 7, 5)],
+]
+
+
+def _distill_inputs(maps, teacher_dtype, projected, seed):
+    g = torch.Generator().manual_seed(seed)
+    teacher_prediction = torch.randn(2, 4, 6, 6, generator=g).to(teacher_dtype)
+    student_prediction = (teacher_prediction.float() + 0.5 * torch.randn(2, 4, 6, 6, generator=g)).requires_grad_()
+    if not projected:
+        maps = [(t, t, hw) for _, t, hw in maps]
+    teacher_maps = [torch.randn(2, t, hw, hw, generator=g).to(teacher_dtype) for _, t, hw in maps]
+    student_maps = [torch.randn(2, s, hw, hw, generator=g).requires_grad_() for s, _, hw in maps]
+    torch.manual_seed(seed)
+    projections = FeatureProjections([s for s, _, _ in maps], [t for _, t, _ in maps])
+    return student_prediction, teacher_prediction, student_maps, teacher_maps, projections
+
+
+def _backends():
+    # every backend that can run these CPU tensors (reference always; cpp when the extension is built)
+    x = [torch.zeros(2)]
+    return ["off", "auto"] + [b for b in ("cpp", "triton") if not dispatch.available_backends("distill_loss", x, x,
+                                                                                             [1.0]).get(b, ["-"])]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("projected", [False, True])
+@pytest.mark.parametrize("maps_index", range(len(MAP_SETS)))
+def test_distillation_losses_match_the_mse_loss_path(backend, teacher_dtype, projected, maps_index):
+    """One fused call gives the value and every gradient (student prediction, maps, projection weights) of
+    w_out * output_kd_loss + w_feat * feature_kd_loss."""
+    maps = MAP_SETS[maps_index]
+    w_out, w_feat = 2.0, 0.3
+    sp, tp, s_maps, t_maps, proj = _distill_inputs(maps, teacher_dtype, projected, seed=10 + maps_index)
+    total, parts = distillation_losses(sp, tp, s_maps, t_maps, proj, w_out, w_feat, backend=backend)
+    inputs = [sp, *s_maps, *proj.parameters()]
+    got = torch.autograd.grad(total * 1.3, inputs)
+    out, feat = output_kd_loss(sp, tp), feature_kd_loss(s_maps, t_maps, proj)
+    expected = w_out * out + w_feat * feat
+    want = torch.autograd.grad(expected * 1.3, inputs)
+    assert total.dtype == torch.float32 and total.dim() == 0
+    assert total.item() == pytest.approx(expected.item(), rel=2e-6)
+    assert parts["out"].item() == pytest.approx(out.item(), rel=1e-6)
+    # "feat" is derived from the total: fp32 rounding of the total, scaled by 1 / w_feat
+    assert parts["feat"].item() == pytest.approx(feat.item(), rel=1e-6, abs=4e-7 * expected.item() / w_feat)
+    assert bool(list(proj.parameters())) == projected  # the projected cases check projection weight gradients
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("w_feat, with_maps", [(0.0, True), (0.5, False)])
+def test_distillation_losses_without_feature_term(w_feat, with_maps):
+    """No "feat" part (and no map in the loss) when w_feat == 0 or there are no maps; maps get no gradient."""
+    sp, tp, s_maps, t_maps, proj = _distill_inputs(MAP_SETS[0], torch.bfloat16, True, seed=3)
+    total, parts = distillation_losses(sp, tp, s_maps if with_maps else [], t_maps if with_maps else [], proj,
+                                       1.5, w_feat)
+    assert set(parts) == {"out"}
+    assert total.item() == pytest.approx(1.5 * output_kd_loss(sp, tp).item(), rel=1e-6)
+    total.backward()
+    assert torch.allclose(sp.grad, 1.5 * 2 * (sp - tp.float()).detach() / sp.numel())
+    assert all(m.grad is None for m in s_maps)
+    with pytest.raises(ValueError):
+        distillation_losses(sp, tp, s_maps, t_maps[:1], proj, 1.0, 1.0)
 
 
 def test_esd_target_and_parameter_sets():

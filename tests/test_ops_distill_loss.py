@@ -190,3 +190,20 @@ def test_torch_compile_inductor_fullgraph():
     (compiled_grad,) = torch.autograd.grad(compiled, x)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backend_devices())
+def test_more_pairs_than_one_cuda_launch_holds(backend, device):
+    """70 pairs (empty ones between): the CUDA backend passes its pair table as launch arguments, 32 pairs per
+    launch, so this spans three launches whose partials land at the right offsets; other backends must agree."""
+    g = torch.Generator().manual_seed(9)
+    shapes = [(0,) if i % 17 == 5 else (1 + (i * 37) % 300,) for i in range(70)]
+    shapes[40] = (9000,)  # more than one CUDA chunk (8192) inside a later launch
+    students, teachers = make_pairs(torch.float32, torch.bfloat16, device, shapes=shapes, seed=4)
+    weights = [0.1 + torch.rand((), generator=g).item() for _ in shapes]
+    backend_or_skip(backend, students, teachers, weights)
+    loss, grads = run(students, teachers, weights, backend)
+    kept = [i for i, s in enumerate(students) if s.numel()]  # empty pairs add 0 (torch's mse of nothing is nan)
+    want = torch_truth([students[i] for i in kept], [teachers[i] for i in kept], [weights[i] for i in kept])
+    assert_close((loss, [grads[i] for i in kept]), want, torch.float32, torch.bfloat16, backend)
+    assert all(grads[i].shape == (0,) for i in range(len(shapes)) if i not in kept)

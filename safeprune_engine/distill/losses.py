@@ -1,12 +1,16 @@
 """Lower-level (quality recovery) losses: diffusion, output distillation and feature distillation.
 
 All losses are computed in fp32 whatever the forward dtype was, and are means over the batch.
+:func:`distillation_losses` is what training calls: w_out L_out + w_feat L_feat through one fused
+``distill_loss`` launch. :func:`output_kd_loss` and :func:`feature_kd_loss` are the plain definitions.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..ops.distill_loss import distill_loss
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -100,3 +104,44 @@ def feature_kd_loss(
             s = projections(i, s)
         total = total + F.mse_loss(s.float(), t.float())
     return total / len(student_features)
+
+
+def distillation_losses(
+    student_prediction: torch.Tensor,
+    teacher_prediction: torch.Tensor,
+    student_maps: list[torch.Tensor],
+    teacher_maps: list[torch.Tensor],
+    projections: FeatureProjections | None,
+    w_out: float,
+    w_feat: float,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """w_out L_out + w_feat L_feat as one fp32 scalar, and the unweighted parts {"out", "feat"} for logging.
+
+    Same values and gradients as ``w_out * output_kd_loss(...) + w_feat * feature_kd_loss(...)``, but the output
+    pair and every (projected) map pair go through ONE fused ``distill_loss`` call with weights
+    [w_out] + [w_feat / n] * n. Maps are used only when w_feat != 0 and there are maps; "feat" is then in the parts.
+    backend: as for ``distill_loss`` (None reads $SAFEPRUNE_KERNELS; "off" runs the torch reference).
+
+    The parts are detached. "out" is recomputed under no_grad (the prediction is small: 4 channels); "feat" is
+    (total - w_out L_out) / w_feat, so it costs no second pass over the maps. Its absolute error is about
+    fp32 eps * |total| / w_feat, far below what logging shows unless L_feat is < 1e-5 of w_out L_out / w_feat.
+    """
+    students, teachers, weights = [student_prediction], [teacher_prediction], [float(w_out)]
+    use_maps = w_feat != 0 and bool(student_maps)
+    if use_maps:
+        if len(student_maps) != len(teacher_maps):
+            raise ValueError("feature KD needs the same non-zero number of student and teacher maps")
+        n = len(student_maps)
+        for i, s in enumerate(student_maps):
+            students.append(s if projections is None else projections(i, s))
+        teachers += list(teacher_maps)
+        weights += [float(w_feat) / n] * n
+    total = distill_loss(students, teachers, weights, backend=backend).float()
+    with torch.no_grad():
+        out = F.mse_loss(student_prediction.detach().float(), teacher_prediction.float())
+        parts = {"out": out}
+        if use_maps:
+            # clamp: rounding may push a tiny L_feat below zero, which a mean of squares never is
+            parts["feat"] = ((total.detach() - float(w_out) * out) / float(w_feat)).clamp_min(0.0)
+    return total, parts

@@ -12,6 +12,9 @@ Custom ops (namespace "safeprune"):
 * ``distill_loss(Tensor[] students, Tensor[] teachers, float[] weights, str? backend) -> Tensor`` (0-d)
 * ``distill_loss_backward(Tensor grad, Tensor[] students, Tensor[] teachers, float[] weights, str? backend)
   -> Tensor[]`` (one gradient per student, in its dtype and layout)
+
+:func:`distill_loss` calls these ops under torch.compile; in eager mode it calls the chosen backend's launchers
+through a plain autograd.Function (same kernels, without the custom-op call overhead; see _EagerDistillLoss).
 """
 from __future__ import annotations
 
@@ -171,6 +174,30 @@ def _backward(ctx, grad):
 distill_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerDistillLoss(torch.autograd.Function):
+    """The same op outside torch.compile, minus the custom-op machinery around it.
+
+    torch.library's autograd wrapper flattens the list arguments with pytree on every call and the op is dispatched
+    twice more (forward and backward op, each choosing its backend again): ~0.3 ms per forward + backward on CPU,
+    more than the kernels take for a training step's ~10 pairs (measured in benchmarks/distill_losses.py). Here the
+    backend is chosen once and its forward/backward launchers (the same ones the custom ops run) are called directly.
+    torch.compile traces the custom ops instead (``distill_loss`` picks), so both paths share one set of kernels.
+    """
+
+    @staticmethod
+    def forward(ctx, impl, weights, pairs, *tensors):
+        ctx.save_for_backward(*tensors)
+        ctx.impl, ctx.weights, ctx.pairs = impl, weights, pairs
+        return impl.forward(list(tensors[:pairs]), list(tensors[pairs:]), weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        students, teachers = list(saved[: ctx.pairs]), list(saved[ctx.pairs:])
+        grads = ctx.impl.backward(grad, students, teachers, ctx.weights)
+        return (None, None, None, *grads, *([None] * ctx.pairs))  # teachers get no gradient
+
+
 # ---- public function ---------------------------------------------------------------------------------------
 def distill_loss(students: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor],
                  weights: Sequence[float] | None = None, backend: str | None = None) -> torch.Tensor:
@@ -194,4 +221,9 @@ def distill_loss(students: Sequence[torch.Tensor], teachers: Sequence[torch.Tens
             raise SafepruneError(f"distill_loss: pair {i} must be floating point, got {s.dtype} and {t.dtype}")
     if not students:
         return torch.zeros((), dtype=torch.float32)
-    return distill_loss_op(students, [t.detach() for t in teachers], weights, backend)
+    teachers = [t.detach() for t in teachers]
+    if torch.compiler.is_compiling():
+        return distill_loss_op(students, teachers, weights, backend)
+    students, teachers = same_layout(students, teachers)
+    impl = dispatch.choose(OP, students, teachers, weights, backend=backend)
+    return _EagerDistillLoss.apply(impl, weights, len(students), *students, *teachers)
