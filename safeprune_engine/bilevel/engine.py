@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distill.features import BlockTaps
-from ..distill.losses import FeatureProjections, diffusion_loss, feature_kd_loss, output_kd_loss
+from ..distill.losses import (FeatureProjections, diffusion_loss, distillation_losses, feature_kd_loss,
+                              output_kd_loss)
 from ..unlearn.base import ConceptBatch, UnlearnObjective
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -243,17 +244,22 @@ class TrainingEngine:
         student = self.student if runner is None else runner
         with capture as student_maps, self.autocast():
             prediction = student(data.latents, data.timesteps, encoder_hidden_states=data.text_emb).sample
-        parts = {
-            "diff": diffusion_loss(prediction, data.target, data.timesteps, self.alphas_cumprod, cfg.snr_gamma,
-                                   self.prediction_type),
-            "out": output_kd_loss(prediction, teacher.data_prediction),
-        }
-        if need_features:
-            parts["feat"] = feature_kd_loss(list(student_maps), teacher.data_features, self.projections)
-        del student_maps  # the taps keep no reference; the graph holds what backward needs
-        total = cfg.w_diff * parts["diff"] + cfg.w_out * parts["out"]
-        if need_features:
-            total = total + cfg.w_feat * parts["feat"]
+        parts = {"diff": diffusion_loss(prediction, data.target, data.timesteps, self.alphas_cumprod, cfg.snr_gamma,
+                                        self.prediction_type)}
+        student_maps, teacher_maps = (list(student_maps), teacher.data_features) if need_features else ([], [])
+        if cfg.kernels == "off":  # eager torch, one loss call per pair
+            parts["out"] = output_kd_loss(prediction, teacher.data_prediction)
+            distill = cfg.w_out * parts["out"]
+            if need_features:
+                parts["feat"] = feature_kd_loss(student_maps, teacher_maps, self.projections)
+                distill = distill + cfg.w_feat * parts["feat"]
+        else:  # the output and every feature pair in one fused distill_loss call
+            distill, distill_parts = distillation_losses(
+                prediction, teacher.data_prediction, student_maps, teacher_maps, self.projections, cfg.w_out,
+                cfg.w_feat if need_features else 0.0, backend=cfg.kernels)
+            parts.update(distill_parts)
+        del student_maps, teacher_maps  # the taps keep no reference; the graph holds what backward needs
+        total = cfg.w_diff * parts["diff"] + distill
         return LowerLoss(total=total, parts=parts)
 
     def upper_loss(self, concept: ConceptBatch | None, teacher: TeacherOutputs,
