@@ -147,6 +147,19 @@ class MemoryProbe:
             self.reset_ok = reset_peak_rss()
             self.setup = rss_bytes()
 
+    def level_above_setup(self) -> int | None:
+        """What stays allocated between steps (optimizer states, gradients, anything a step leaves behind), above
+        the setup level: call it between steps; the peak is what a step needs while it runs."""
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            return torch.cuda.memory_allocated(self.device) - self.setup
+        import gc
+
+        gc.collect()
+        release_free_heap()
+        level = rss_bytes()
+        return None if level is None or self.setup is None else level - self.setup
+
     def read(self) -> dict:
         if self.device.type == "cuda":
             synchronize(self.device)

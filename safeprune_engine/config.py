@@ -145,10 +145,11 @@ class RunConfig:
     channels_last: bool = setting(False, "NHWC memory format for the UNets' convolutions")
     use_8bit_adam: bool = setting(False, "bitsandbytes AdamW8bit states for the optimizers that step every "
                                   "iteration (the once-per-period one: --outer-optimizer)")
-    outer_optimizer: str = setting(
-        "factored", "optimizer of the once-per-period step (bilevel's outer step, alternating's upper step): "
+    outer_optimizer: str | None = setting(
+        None, "optimizer of the once-per-period step (bilevel's outer step, alternating's upper step): "
         "factored (AdamW's step with an Adafactor-factored second moment and no first moment: ~0 bytes per "
-        "parameter), adamw-8bit (bitsandbytes, 2 bytes) or adamw (torch, 8 bytes)", choices=OUTER_OPTIMIZERS)
+        "parameter), adamw-8bit (bitsandbytes, 2 bytes) or adamw (torch, 8 bytes)", choices=OUTER_OPTIMIZERS,
+        unset="factored; adamw with --zero-stage 1-3, whose flat partitions have no rows and columns to factor")
     teacher_int8: bool = setting(False, "bitsandbytes int8 Linear layers in the teacher (the output error is "
                                  "reported)")
     teacher_dtype: str | None = setting(None, "dtype of the frozen teacher", choices=TEACHER_DTYPES,
@@ -185,6 +186,12 @@ class RunConfig:
         return self.lr_upper if self.lr_upper is not None else 5.0 * self.lr
 
     @property
+    def effective_outer_optimizer(self) -> str:
+        if self.outer_optimizer is not None:
+            return self.outer_optimizer
+        return "adamw" if self.zero_stage > 0 else "factored"
+
+    @property
     def effective_concept_batch_size(self) -> int:
         return self.concept_batch_size or self.batch_size
 
@@ -213,7 +220,10 @@ class RunConfig:
             raise SafepruneError(
                 f"unknown mixed precision {self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISION)}"
             )
-        if self.outer_optimizer not in OUTER_OPTIMIZERS:
+        if self.outer_optimizer == "factored" and self.zero_stage > 0:
+            raise SafepruneError("--outer-optimizer factored needs whole weight matrices; ZeRO (--zero-stage "
+                                 f"{self.zero_stage}) hands the optimizer flat partitions: use adamw or adamw-8bit")
+        if self.outer_optimizer is not None and self.outer_optimizer not in OUTER_OPTIMIZERS:
             raise SafepruneError(f"unknown --outer-optimizer {self.outer_optimizer!r}; choose one of "
                                  f"{', '.join(OUTER_OPTIMIZERS)}")
         if self.concept_targets not in ("cached", "live"):

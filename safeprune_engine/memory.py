@@ -137,7 +137,7 @@ def optimizer_factory(config):
     bitsandbytes AdamW8bit with --use-8bit-adam, else torch AdamW; role "outer" (once-per-period steps) takes
     --outer-optimizer. The run passes it to the solver's constructor."""
     lower = adamw_8bit if config.use_8bit_adam else adamw
-    outer = {"factored": factored_adamw, "adamw-8bit": adamw_8bit, "adamw": adamw}[config.outer_optimizer]
+    outer = {"factored": factored_adamw, "adamw-8bit": adamw_8bit, "adamw": adamw}[config.effective_outer_optimizer]
 
     def make(params, lr: float, role: str = "lower") -> torch.optim.Optimizer:
         return (outer if role == "outer" else lower)(params, lr, role)

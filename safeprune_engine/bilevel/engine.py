@@ -222,7 +222,8 @@ class TrainingEngine:
             return
         if not self.teacher_conditions:  # e.g. noise-based Concept Ablation: nothing to compute
             return
-        chunk = chunk or self.config.effective_concept_batch_size
+        # rows per teacher forward: a no-grad pass, so larger than a training batch costs only transient memory
+        chunk = chunk or max(self.config.effective_concept_batch_size, 16)
         generator = torch.Generator(device=self.device).manual_seed(self.config.seed + 1)
         batches = pool_batches(self.concepts, rows, chunk, generator)
         predictions: dict[str, list[torch.Tensor]] = {name: [] for name in self.teacher_conditions}
