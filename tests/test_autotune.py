@@ -281,3 +281,13 @@ def test_device_fingerprint_names_the_file(fresh_cache, monkeypatch):
     assert fp["kernels_isa"] == native.cpu_isa()
     monkeypatch.setenv(autotune.ENV_CACHE_DIR, "/somewhere")
     assert autotune.default_directory() == autotune.Path("/somewhere/autotune")
+
+
+def test_a_cached_backend_that_can_no_longer_run_is_not_used(fresh_cache, timed_op):
+    """The file says cpp, but in this process cpp is not built: auto checks the reasons of what it reads."""
+    name, fns, _ = timed_op(cpp_delay=0, reference_delay=0.003)
+    x = torch.randn(5)
+    assert choose(name, x).name == "cpp"
+    use_fresh_cache(fresh_cache.directory)
+    register(name, Backend("cpp", fns["cpp"], lambda *a, **k: ["the library is not built"]))
+    assert choose(name, x).name == "reference"

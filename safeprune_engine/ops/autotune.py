@@ -20,9 +20,13 @@ Cache: one JSON file per device fingerprint (CPU: model, torch's and our kernels
 GPU: name, capability, SM count; both: torch, CUDA, Triton and safeprune-engine versions), in
 ``$SAFEPRUNE_CACHE_DIR/autotune`` (default ``~/.cache/safeprune_engine/autotune``, under ``$XDG_CACHE_HOME`` when
 set). Writes are atomic (a temporary file renamed over the old one, after merging what other processes wrote
-meanwhile), so concurrent processes (pytest-xdist, ranks) never leave a torn file; a file that is unreadable,
-corrupt or written for another fingerprint or format is ignored with a warning and replaced at the next write.
-Delete the folder to time again.
+meanwhile), so concurrent processes (pytest-xdist, ranks) never leave a torn file; two writes racing may drop
+one entry, which costs a timing later. A file that is unreadable, corrupt or written for another fingerprint or
+format is ignored with a warning and replaced at the next write. Delete the folder to time again.
+
+Per call, once decided, auto costs one tuple key and a dict lookup (cheaper than the static rule's reasons
+checks); a decision read from disk is checked against the backend's reasons once per process. Timing compares
+backends inside the op: the op's own per-call overhead (custom op, dispatch) is paid whichever backend runs.
 
 ``SAFEPRUNE_AUTOTUNE=0`` turns timing off: auto then takes the first capable backend in priority order, skipping
 backends with static auto-skip reasons (the rule before measurements).
@@ -101,6 +105,15 @@ def _untimeable(tensors: list[torch.Tensor]) -> bool:
 
 
 # ---- keys and device fingerprints ------------------------------------------------------------------------------
+def _fast(value):
+    """`value` as a hashable tuple part of the in-process key (a finer split than :func:`describe`'s)."""
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.dtype, value.stride(), value.requires_grad, value.device.type)
+    if isinstance(value, (list, tuple)):
+        return tuple(_fast(v) for v in value)
+    return value
+
+
 def describe(value) -> str:
     """A value as it enters a key: tensors by dtype, shape, layout and requires_grad (never their data)."""
     if isinstance(value, torch.Tensor):
@@ -186,6 +199,7 @@ class DecisionCache:
         self._lock = threading.Lock()
         self._memory: dict[tuple, dict[str, dict]] = {}  # device context -> key -> entry
         self._unwritable: set[Path] = set()
+        self.confirmed: dict[tuple, str] = {}  # Tuner.fast_key -> backend checked to run (see Tuner)
         self.timings = 0
 
     @property
@@ -267,6 +281,7 @@ class DecisionCache:
     def clear_memory(self) -> None:
         with self._lock:
             self._memory.clear()
+            self.confirmed.clear()
 
 
 _CACHE = DecisionCache()
@@ -312,22 +327,41 @@ _STATS: dict[str, _OpStats] = {}
 
 
 class Tuner:
-    """One auto-mode call that can be timed: its key, its device, the cached decision, the measurement."""
+    """One auto-mode call that can be timed: its key, its device, the cached decision, the measurement.
+
+    Two lookups: a cheap in-process one (a tuple of shapes, dtypes, strides, grads; holds decisions this process
+    already confirmed, so a hit costs no reasons check and no string building) and the key string of the disk file.
+    """
 
     def __init__(self, op_name: str, benchmark: Benchmark, args: tuple, kwargs: dict, device: torch.device):
         self.op_name, self.benchmark, self.args, self.kwargs, self.device = op_name, benchmark, args, kwargs, device
-        values = list(benchmark.key(args, kwargs))
-        self.grad = any(t.requires_grad for t in _tensors(values))
-        self.key = f"{op_name}:{device.type}:" + ",".join(describe(v) for v in values)
+        self.values = list(benchmark.key(args, kwargs))
         self.context = _device_context(device)
+        self.fast_key = (op_name, self.context, tuple(_fast(v) for v in self.values))
+        self._key: str | None = None
+
+    @property
+    def key(self) -> str:
+        if self._key is None:
+            self._key = f"{self.op_name}:{self.device.type}:" + ",".join(describe(v) for v in self.values)
+        return self._key
+
+    @property
+    def grad(self) -> bool:
+        return any(t.requires_grad for t in _tensors(self.values))
+
+    def confirmed(self) -> str | None:
+        """The backend this process already chose (or read and checked) for this call's key."""
+        return _CACHE.confirmed.get(self.fast_key)
 
     def cached(self) -> str | None:
+        """The decision stored for this key (memory or disk), still to be checked against the backends' reasons."""
         entry = _CACHE.lookup(self.context, self.key)
-        if entry is None:
-            return None
-        stats = _STATS.setdefault(self.op_name, _OpStats())
-        stats.choices.setdefault(self.key, (entry["backend"], entry.get("source", "disk")))
-        return entry["backend"]
+        return None if entry is None else entry["backend"]
+
+    def confirm(self, backend: str, source: str = "disk") -> None:
+        _CACHE.confirmed[self.fast_key] = backend
+        _STATS.setdefault(self.op_name, _OpStats()).choices.setdefault(self.key, (backend, source))
 
     def measure(self, candidates: dict[str, Any]) -> str | None:
         """Time each candidate (name -> Backend, priority order); store and return the fastest (None: all failed)."""
@@ -353,6 +387,7 @@ class Tuner:
         times_ms = {name: 1e3 * t for name, t in times.items()}
         _CACHE.store(self.context, self.key, best, times_ms)
         stats.choices[self.key] = (best, "timed")
+        self.confirm(best, "timed")
         log.debug("autotune %s -> %s (%s)", self.key, best,
                   ", ".join(f"{n} {t:.3f} ms" for n, t in times_ms.items()))
         return best

@@ -131,9 +131,13 @@ def choose(op_name: str, *args, backend: str | None = None, **kwargs) -> Backend
 def _auto(op_name: str, backends: dict[str, Backend], args: tuple, kwargs: dict) -> Backend:
     tuner = autotune.tuner(op_name, args, kwargs)
     if tuner is not None:
+        confirmed = backends.get(tuner.confirmed() or "")
+        if confirmed is not None:
+            return confirmed  # the usual call: decided (and checked) earlier in this process
         cached = backends.get(tuner.cached() or "")
         if cached is not None and (cached.name == "reference" or not cached.not_supported_reasons(*args, **kwargs)):
-            return cached  # one reasons check per call: the library may have gone since the decision was made
+            tuner.confirm(cached.name)  # read from disk: checked once, in case the library went since
+            return cached
     interpreted_only = any(t.device.type == "cpu" for t in tensors_in(list(args) + list(kwargs.values())))
     runnable = {name: backends[name] for name in BACKEND_NAMES if name in backends
                 and not (name == "triton" and interpreted_only)
