@@ -88,9 +88,12 @@ class RunConfig:
     seed: int = setting(0, "random seed")
     mixed_precision: str = setting("no", "autocast dtype of training", choices=MIXED_PRECISION)
     device: str | None = setting(None, "cpu | cuda | cuda:N", unset="cuda when available")
-    # "auto" picks per call. Not an identity field: it changes speed, not what is computed (outputs agree within
-    # dtype tolerance), so a run may resume with other kernels. train() unpatches the UNets before returning them.
-    kernels: str = setting("off", "fused ops in the student and teacher UNets", choices=KERNEL_MODES)
+    # "auto" picks per call: the backend measured fastest for each op shape (eager torch included), timed once and
+    # cached per device (ops/autotune.py); under ZeRO-3 it leaves the UNets alone. Not an identity field: it changes
+    # speed, not what is computed (outputs agree within dtype tolerance), so a run may resume with other kernels.
+    # train() unpatches the UNets before returning them.
+    kernels: str = setting("auto", "fused ops in the student and teacher UNets (auto: the backend measured fastest "
+                           "per op shape, eager included; off: plain diffusers UNets)", choices=KERNEL_MODES)
 
     w_diff: float = setting(1.0, "weight of the diffusion loss")
     w_out: float = setting(2.0, "weight of output distillation")
@@ -208,6 +211,17 @@ class RunConfig:
             return self.two_stage_erase_steps
         return max(1, self.steps // 4)
 
+    @property
+    def zero3_sharded(self) -> bool:
+        """ZeRO-3 partitions the student or the teacher (the fused UNet forwards cannot run on them)."""
+        return self.zero_stage == 3 or self.teacher_zero3
+
+    @property
+    def patches_kernels(self) -> bool:
+        """Whether the run swaps the UNets' pieces for the fused ops: --kernels other than off, except auto under
+        ZeRO-3 (forced backends are refused there by validate())."""
+        return self.kernels != "off" and not (self.kernels == "auto" and self.zero3_sharded)
+
     def identity(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in IDENTITY_FIELDS}
 
@@ -234,10 +248,10 @@ class RunConfig:
             from .patching import check_backend
 
             check_backend(self.kernels)  # a forced backend that is not built fails before anything is written
-        if self.kernels != "off" and (self.zero_stage == 3 or self.teacher_zero3):
-            raise SafepruneError("--kernels does not work with ZeRO-3 sharding (--zero-stage 3 / --teacher-zero3): "
-                                 "the fused resnet forward reads GroupNorm parameters outside the modules whose "
-                                 "hooks gather them; use --kernels off")
+        if self.kernels not in ("off", "auto") and self.zero3_sharded:  # auto simply does not patch under ZeRO-3
+            raise SafepruneError(f"--kernels {self.kernels} does not work with ZeRO-3 sharding (--zero-stage 3 / "
+                                 "--teacher-zero3): the fused resnet forward reads GroupNorm parameters outside the "
+                                 "modules whose hooks gather them; use --kernels auto or off")
         from .prune.base import PRUNE_METHODS
         from .registry import load_plugins
         from .unlearn.base import OBJECTIVES

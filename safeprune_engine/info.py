@@ -1,8 +1,9 @@
 """What this installation can run: ``python -m safeprune_engine.info``.
 
 Prints the versions of the main dependencies, the compiled libraries (built or why not), the CPU instruction
-set the C++ kernels use, and for each fused op every backend with the reasons it cannot run here. Checking the
-backends imports no Triton kernel module and initialises no GPU beyond asking torch whether one is visible.
+set the C++ kernels use, whether auto mode times the backends and where it caches its choices, and for each
+fused op every backend with the reasons it cannot run here. Checking the backends imports no Triton kernel module
+and initialises no GPU beyond asking torch whether one is visible.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def report() -> dict:
     import torch
 
     from safeprune_engine import ops
-    from safeprune_engine.ops import dispatch, native
+    from safeprune_engine.ops import autotune, dispatch, native
 
     libraries = {native.CPU_MODULE: native.cpu_reasons(), native.CUDA_MODULE: native.cuda_reasons()}
     cpu_isa = torch.ops.safeprune_C.cpu_isa() if not libraries[native.CPU_MODULE] else None
@@ -42,6 +43,7 @@ def report() -> dict:
         "libraries": libraries,
         "cpu_isa": cpu_isa,
         "kernel_request": dispatch.requested_mode(),
+        "autotune": {"timing": autotune.enabled(), "cache": str(autotune.cache().directory)},
         "backends": backends,
     }
 
@@ -55,7 +57,11 @@ def format_report(info: dict) -> str:
         lines.append(f"  {library:26s} " + ("loaded" if not reasons else "unavailable: " + "; ".join(reasons)))
     if info["cpu_isa"]:
         lines.append(f"  CPU kernels use {info['cpu_isa']} (SAFEPRUNE_CPU_ISA=generic|avx2 lowers it)")
-    lines += ["", f"kernel backend request ($SAFEPRUNE_KERNELS): {info['kernel_request']}", "", "ops (auto order):"]
+    lines += ["", f"kernel backend request ($SAFEPRUNE_KERNELS): {info['kernel_request']}"]
+    tune = info["autotune"]
+    lines.append("auto times the backends per op shape, decisions cached in " + tune["cache"] if tune["timing"] else
+                 "auto takes the first capable backend below ($SAFEPRUNE_AUTOTUNE is off: no timing)")
+    lines += ["", "ops (static auto order):"]
     for op, table in info["backends"].items():
         lines.append(f"  {op}:")
         for backend, reasons in table.items():

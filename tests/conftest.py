@@ -1,6 +1,14 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# kernel autotuning decisions (ops/autotune.py) go to a folder of this test session, never the home directory;
+# subprocesses (CLI runs, ranks) inherit it
+_AUTOTUNE_DIR = tempfile.mkdtemp(prefix="safeprune-test-cache-")
+os.environ["SAFEPRUNE_CACHE_DIR"] = _AUTOTUNE_DIR
+atexit.register(shutil.rmtree, _AUTOTUNE_DIR, ignore_errors=True)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

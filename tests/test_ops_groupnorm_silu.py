@@ -161,8 +161,10 @@ def test_opcheck(backend):
 
 
 # ---- dispatch and errors --------------------------------------------------------------------------------------
-def test_auto_picks_cpp_on_cpu_when_built(monkeypatch):
+def test_static_auto_rule_picks_cpp_on_cpu_when_built(monkeypatch):
+    """Without timing (SAFEPRUNE_AUTOTUNE=0; tests/test_autotune.py covers the measured choice)."""
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setenv("SAFEPRUNE_AUTOTUNE", "0")
     x, w, b, _ = make_inputs((1, 8, 2, 2), torch.float32, "cpu", False)
     expected = "cpp" if not native.cpu_reasons() else "reference"  # never the Triton interpreter
     assert dispatch.choose(OP, x, 4, w, b).name == expected
@@ -171,8 +173,10 @@ def test_auto_picks_cpp_on_cpu_when_built(monkeypatch):
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_auto_passes_over_a_cpu_copy_slower_than_torch(isa, monkeypatch):
     """The generic copy is slower than torch's AVX-512 kernels (measured), the avx2/avx512 copies are faster: auto
-    picks the reference for the first only; backend="cpp" still runs every copy."""
+    picks the reference for the first only when it cannot time them (SAFEPRUNE_AUTOTUNE=0); backend="cpp" still
+    runs every copy."""
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setenv("SAFEPRUNE_AUTOTUNE", "0")
     x, w, b, dy = make_inputs((1, 8, 2, 2), torch.float32, "cpu", False)
     backend_or_skip("cpp", x, 4, w, b)
     monkeypatch.setenv("SAFEPRUNE_CPU_ISA", isa)

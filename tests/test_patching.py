@@ -252,7 +252,7 @@ def test_kernels_setting_is_validated_and_not_an_identity_field():
     from safeprune_engine.config import IDENTITY_FIELDS, RunConfig
 
     assert "kernels" not in IDENTITY_FIELDS
-    assert RunConfig().kernels == "off"
+    assert RunConfig().kernels == "auto"
     with pytest.raises(SafepruneError, match="unknown --kernels 'fast'"):
         RunConfig(method="distill-only", kernels="fast").validate()
     if dispatch.available_backends("pruned_conv")["cuda"]:
@@ -260,9 +260,18 @@ def test_kernels_setting_is_validated_and_not_an_identity_field():
             RunConfig(method="distill-only", kernels="cuda").validate()
 
 
-def test_kernels_are_refused_with_zero3_sharding():
+def test_forced_kernels_are_refused_with_zero3_sharding_and_auto_does_not_patch():
     from safeprune_engine.config import RunConfig
+    from safeprune_engine.patching import _MARK
+    from safeprune_engine.run.builder import patch_kernels
 
     for zero in (dict(zero_stage=3), dict(teacher_zero3=True)):
-        with pytest.raises(SafepruneError, match="ZeRO-3"):
-            RunConfig(method="distill-only", kernels="auto", **zero).validate()
+        for forced in ("cpp", "triton", "cuda"):
+            with pytest.raises(SafepruneError, match="ZeRO-3|cannot run"):
+                RunConfig(method="distill-only", kernels=forced, **zero).validate()
+        config = RunConfig(method="distill-only", **zero).validate()  # the default, auto, is not refused
+        assert config.kernels == "auto" and not config.patches_kernels
+        unet = tiny_unet(seed=0)
+        assert patch_kernels(config, unet, unet) == [] and not hasattr(unet, _MARK)
+    assert RunConfig(method="distill-only").patches_kernels
+    assert not RunConfig(method="distill-only", kernels="off").patches_kernels

@@ -8,14 +8,15 @@ declarations, the public ``torch.ops.safeprune.<op>`` custom op and a python fun
 
 Importing this package imports every op module, which registers the ops (op modules import only torch, never
 Triton). The functions are not re-exported here: a package attribute named like a submodule would shadow it.
-``dispatch`` is the backend machinery, ``native`` loads the compiled libraries. A new op is one new module.
+``dispatch`` is the backend machinery (``autotune`` its measured auto choice), ``native`` loads the compiled
+libraries. A new op is one new module.
 """
 from __future__ import annotations
 
 import pkgutil
 from importlib import import_module
 
-_INFRASTRUCTURE = ("dispatch", "native")
+_INFRASTRUCTURE = ("autotune", "dispatch", "native")
 OP_NAMES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _INFRASTRUCTURE))
 
 for _module in OP_NAMES:

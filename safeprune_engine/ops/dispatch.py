@@ -8,10 +8,15 @@ not built, Triton not installed), which is what ``python -m safeprune_engine.inf
 :func:`choose` picks:
 
 * ``backend=None``: the environment variable ``SAFEPRUNE_KERNELS`` (``auto`` when unset).
-* ``"auto"``: the first backend in :data:`BACKEND_NAMES` order with no reasons and no auto-skip reasons; the
-  reference always runs. Auto never picks Triton for CPU tensors: the interpreter is a test tool, slower than the
-  reference. A backend's auto-skip reasons (``auto_skip_reasons``) say why it runs but should not be chosen by
-  itself, e.g. a CPU kernel copy measured slower than torch's own kernels on this CPU; forcing it still runs it.
+* ``"auto"``: among the backends with no reasons (the reference always runs; never Triton for CPU tensors: the
+  interpreter is a test tool, slower than the reference), the one that measured fastest on this call's key
+  (shapes, dtypes, layouts, grads, device), timed once and cached on disk per device (see ``autotune``;
+  ops declare how to time themselves with :func:`register_benchmark`). Where timing is off
+  (``SAFEPRUNE_AUTOTUNE=0``) or impossible (torch.compile tracing, fake tensors, CUDA graph capture, an op without
+  a benchmark), the static rule: the first in :data:`BACKEND_NAMES` order with no reasons and no auto-skip
+  reasons. Auto-skip reasons (``auto_skip_reasons``) say why a backend runs but should not be chosen without a
+  measurement, e.g. a CPU kernel copy measured slower than torch's own kernels on such CPUs; forcing it still
+  runs it.
 * ``"off"`` / ``"reference"``: the reference.
 * ``"cuda"`` / ``"triton"`` / ``"cpp"``: that backend, or a :class:`SafepruneError` listing why it cannot run.
   A forced backend never falls back silently.
@@ -29,6 +34,7 @@ from typing import Callable, Iterable
 import torch
 
 from safeprune_engine.errors import SafepruneError
+from safeprune_engine.ops import autotune
 
 BACKEND_NAMES = ("cuda", "triton", "cpp", "reference")  # auto priority order
 ENV_VAR = "SAFEPRUNE_KERNELS"
@@ -111,15 +117,7 @@ def choose(op_name: str, *args, backend: str | None = None, **kwargs) -> Backend
     if mode in ("off", "reference"):
         return _reference(op_name, backends)
     if mode == "auto":
-        interpreted_only = any(t.device.type == "cpu" for t in tensors_in(list(args) + list(kwargs.values())))
-        for name in BACKEND_NAMES:
-            candidate = backends.get(name)
-            if candidate is None or (name == "triton" and interpreted_only):
-                continue
-            if name == "reference" or not (candidate.not_supported_reasons(*args, **kwargs)
-                                           or candidate.auto_skip_reasons(*args, **kwargs)):
-                return candidate
-        return _reference(op_name, backends)
+        return _auto(op_name, backends, args, kwargs)
     candidate = backends.get(mode)
     if candidate is None:
         raise SafepruneError(f"op {op_name!r} has no {mode!r} backend (it has: {', '.join(backends)})")
@@ -128,6 +126,38 @@ def choose(op_name: str, *args, backend: str | None = None, **kwargs) -> Backend
         raise SafepruneError(f"backend {mode!r} cannot run op {op_name!r} here: " + "; ".join(reasons)
                              + f" (use backend='auto' or unset ${ENV_VAR} to fall back)")
     return candidate
+
+
+def _auto(op_name: str, backends: dict[str, Backend], args: tuple, kwargs: dict) -> Backend:
+    tuner = autotune.tuner(op_name, args, kwargs)
+    if tuner is not None:
+        confirmed = backends.get(tuner.confirmed() or "")
+        if confirmed is not None:
+            return confirmed  # the usual call: decided (and checked) earlier in this process
+        cached = backends.get(tuner.cached() or "")
+        if cached is not None and (cached.name == "reference" or not cached.not_supported_reasons(*args, **kwargs)):
+            tuner.confirm(cached.name)  # read from disk: checked once, in case the library went since
+            return cached
+    interpreted_only = any(t.device.type == "cpu" for t in tensors_in(list(args) + list(kwargs.values())))
+    runnable = {name: backends[name] for name in BACKEND_NAMES if name in backends
+                and not (name == "triton" and interpreted_only)
+                and (name == "reference" or not backends[name].not_supported_reasons(*args, **kwargs))}
+    if tuner is not None and len(runnable) > 1:
+        fastest = tuner.measure(runnable)
+        if fastest is not None:
+            return runnable[fastest]
+    for name, candidate in runnable.items():  # the static rule
+        if name == "reference" or not candidate.auto_skip_reasons(*args, **kwargs):
+            return candidate
+    return _reference(op_name, backends)
+
+
+def register_benchmark(op_name: str, bench: Callable, key: Callable | None = None) -> None:
+    """How auto mode times `op_name`: ``bench(backend, args, kwargs, grad)`` returns a no-argument callable that
+    runs `backend` on the dispatch call's arguments (forward, plus backward when `grad`); ``key(args, kwargs)``
+    returns the arguments that decide the cost, the same for the op's forward and backward dispatch calls
+    (default: all positional arguments). See ``autotune``."""
+    autotune.register(op_name, bench, key)
 
 
 def _reference(op_name: str, backends: dict[str, Backend]) -> Backend:

@@ -118,6 +118,24 @@ for _backend in (
     dispatch.register(OP, _backend)
 
 
+def _benchmark(backend, args, kwargs, grad):
+    """Auto mode's timing: forward (and the students' gradients) on the dispatch call's pairs."""
+    students, teachers, weights = args[0], args[1], list(args[2])
+    if not grad:
+        return lambda: backend.forward(students, teachers, weights)
+    seed = torch.ones((), dtype=_loss_dtype(students), device=students[0].device)
+
+    def forward_backward():
+        backend.forward(students, teachers, weights)
+        return backend.backward(seed, students, teachers, weights)
+
+    return forward_backward
+
+
+# the pair weights do not change the cost: they stay out of the key
+dispatch.register_benchmark(OP, _benchmark, key=lambda args, kwargs: args[:2])
+
+
 def same_layout(students, teachers):
     """Each pair with equal dense strides, so kernels can walk both in memory order (copies only if needed)."""
     out_s, out_t = [], []

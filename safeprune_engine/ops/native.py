@@ -99,8 +99,9 @@ def baseline_copy_reasons(*_args, **_kwargs) -> list[str]:
 
     Measured on a 2-core AMD EPYC (GroupNorm+SiLU, 2x320x64x64 fp32, 1 thread): the generic copy (SSE2 on x86)
     runs the forward in 3.0 ms against torch eager's 1.35 ms with AVX-512, but beats torch's own AVX2 (4.6 ms)
-    and baseline (8.4 ms) kernels. So auto passes the generic copy over only where torch runs AVX-512 kernels
-    (SAFEPRUNE_CPU_ISA=generic on such a CPU); backend="cpp" still runs it.
+    and baseline (8.4 ms) kernels. So auto's static rule (no timing: SAFEPRUNE_AUTOTUNE=0, torch.compile tracing)
+    passes the generic copy over only where torch runs AVX-512 kernels (SAFEPRUNE_CPU_ISA=generic on such a CPU);
+    timed auto measures it; backend="cpp" still runs it.
     """
     isa = cpu_isa()
     capability = torch.backends.cpu.get_cpu_capability()

@@ -53,7 +53,9 @@ def encoders_on(teacher, device):
 def patch_kernels(config: RunConfig, student, teacher_unet) -> list:
     """--kernels: fused ops in both UNets, in place (state dicts and outputs stay the same). Returns the
     (unet, PatchRecord) pairs the run undoes before it hands the models back."""
-    if config.kernels == "off":
+    if not config.patches_kernels:
+        if config.kernels == "auto":
+            log.info("kernels auto: ZeRO-3 sharding, so the UNets keep their diffusers forwards")
         return []
     from ..patching import patch_unet
 
@@ -133,7 +135,7 @@ def build_engine(config: RunConfig, teacher, student, data_folder, cache_dir: Pa
             report = quantize_teacher_int8(teacher_unet, latent_size, text_shape, seed=config.seed)
             if session.is_main:
                 write_int8_report(config.out, report)
-    kernel_patches = patch_kernels(config, student, teacher_unet)  # validate() refuses them with ZeRO-3
+    kernel_patches = patch_kernels(config, student, teacher_unet)  # none under ZeRO-3 (auto; forced: refused)
     engine = session.make_engine(
         student, teacher_unet, teacher.noise_scheduler(), teacher.prediction_type, data_cache, config,
         concept_source=concept_source, objective=objective, projections=projections, device=device, prompts=prompts,

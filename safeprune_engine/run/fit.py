@@ -66,6 +66,16 @@ def scalar_writer(session, out: Path, start_step: int):
     return SummaryWriter(str(out / "tensorboard"), purge_step=start_step)
 
 
+def log_kernel_choices(engine) -> None:
+    """One INFO line per fused op: what --kernels auto chose for the shapes met so far, and what timing cost."""
+    if not getattr(engine, "kernel_patches", None):
+        return
+    from ..ops import autotune
+
+    for line in autotune.summary_lines(new_only=True):
+        log.info(line)
+
+
 def fit(config: RunConfig, session, engine, solver, out: Path, start_step: int, save) -> FitResult:
     """Steps start_step .. config.steps - 1, then the final checkpoint (unless nothing ran and one exists)."""
     from tqdm.auto import tqdm
@@ -80,6 +90,8 @@ def fit(config: RunConfig, session, engine, solver, out: Path, start_step: int, 
         objective.on_train_start(engine, start_step)
     for step in bar:
         scalars = solver.step(step)
+        if step == start_step:
+            log_kernel_choices(engine)  # the fused ops were timed during this first step (or read from the cache)
         if objective is not None:
             objective.on_step_end(engine, step + 1)  # e.g. a periodic UCE edit, before this step's checkpoint
         for name, value in scalars.items():
@@ -95,6 +107,7 @@ def fit(config: RunConfig, session, engine, solver, out: Path, start_step: int, 
             save(step + 1)
     bar.close()
     elapsed = time.perf_counter() - started
+    log_kernel_choices(engine)  # shapes first met after step one (e.g. upper steps)
     if writer is not None:
         writer.close()
     steps_run = config.steps - start_step
