@@ -24,6 +24,7 @@ throughout (no parameter is copied), so outputs after unpatching are bit-identic
 """
 from __future__ import annotations
 
+import contextlib
 import types
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
@@ -260,3 +261,57 @@ def unpatch_unet(unet: nn.Module, record: PatchRecord) -> None:
         module.__dict__.pop("forward", None)
     delattr(unet, _MARK)
     record.active = False
+
+
+@dataclass
+class PatchTiming:
+    """What :func:`patch_unet_if_faster` measured: median seconds of one forward (+ backward when training) of the
+    UNet with its diffusers forwards and with the fused ops; `kept` says which one the UNet has now."""
+
+    plain_s: float
+    patched_s: float
+    kept: bool
+    backward: bool
+
+    def summary(self) -> str:
+        verdict = "kept" if self.kept else "not kept (not faster than eager)"
+        return (f"fused ops {verdict}: {self.patched_s * 1e3:.1f} ms vs eager {self.plain_s * 1e3:.1f} ms per "
+                f"{'forward+backward' if self.backward else 'forward'} ({self.plain_s / self.patched_s:.2f}x)")
+
+
+def patch_unet_if_faster(unet: nn.Module, inputs: tuple, kwargs: dict, backward: bool, autocast=None,
+                         ops: Iterable[str] = DEFAULT_OPS, margin: float = 0.02) -> tuple[Optional[PatchRecord],
+                                                                                            PatchTiming]:
+    """Patch ``unet`` with the auto backends (each op timing its backends per call shape) and keep the patch only if
+    the whole forward (+ backward with ``backward``) on ``inputs`` then runs at least ``margin`` faster than the
+    diffusers forwards: per-op timing cannot see what a patched module costs around the op (its wrapper, layout
+    changes), and a UNet of tiny layers can lose overall while every op wins. Gradients the timing makes are
+    dropped. Returns (the PatchRecord, or None when the UNet was left unpatched, and the timing)."""
+    from .ops.autotune import measure
+
+    device = next(unet.parameters()).device
+    context = autocast if autocast is not None else (lambda: contextlib.nullcontext())
+
+    def run():
+        with context(), torch.set_grad_enabled(backward):
+            out = unet(*inputs, **kwargs).sample
+        if backward:
+            out.float().square().mean().backward()
+
+    def timed() -> float:
+        try:
+            return measure(run, device)
+        finally:
+            if backward:
+                for param in unet.parameters():
+                    param.grad = None
+
+    plain = timed()
+    record = patch_unet(unet, backend="auto", ops=ops)
+    run()  # the first patched call times each op's backends for these shapes (cached from then on)
+    patched = timed()
+    kept = patched < (1.0 - margin) * plain
+    if not kept:
+        unpatch_unet(unet, record)
+        record = None
+    return record, PatchTiming(plain_s=plain, patched_s=patched, kept=kept, backward=backward)

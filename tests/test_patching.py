@@ -275,3 +275,32 @@ def test_forced_kernels_are_refused_with_zero3_sharding_and_auto_does_not_patch(
         assert patch_kernels(config, unet, unet) == [] and not hasattr(unet, _MARK)
     assert RunConfig(method="distill-only").patches_kernels
     assert not RunConfig(method="distill-only", kernels="off").patches_kernels
+
+
+@pytest.mark.parametrize("backward", [True, False])
+def test_patch_if_faster_keeps_the_patch_only_when_the_whole_unet_wins(backward):
+    """The model-level check of --kernels auto: the decision follows the timing against the margin (a margin no
+    timing can meet leaves the UNet exactly as it was; one every timing meets keeps the patch), outputs stay the
+    same either way and the timing leaves no gradients behind."""
+    from safeprune_engine.patching import patch_unet_if_faster
+
+    unet = tiny_unet(seed=3).train(backward)
+    latents, timesteps, text = unet_inputs(unet)
+    with torch.no_grad():
+        before = unet(latents, timesteps, encoder_hidden_states=text).sample
+    kwargs = {"encoder_hidden_states": text}
+
+    record, timing = patch_unet_if_faster(unet, (latents, timesteps), kwargs, backward=backward, margin=0.999)
+    assert record is None and not timing.kept and timing.plain_s > 0 and timing.patched_s > 0
+    assert getattr(unet, "_safeprune_patch_record", None) is None
+    assert not any(isinstance(m, (PrunedConv2d, GroupNormSiLU)) for m in unet.modules())
+    assert all(p.grad is None for p in unet.parameters())
+
+    record, timing = patch_unet_if_faster(unet, (latents, timesteps), kwargs, backward=backward, margin=-1e9)
+    assert record is not None and timing.kept and "kept" in timing.summary()
+    assert any(isinstance(m, PrunedConv2d) for m in unet.modules())
+    assert all(p.grad is None for p in unet.parameters())
+    with torch.no_grad():
+        after = unet(latents, timesteps, encoder_hidden_states=text).sample
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    unpatch_unet(unet, record)

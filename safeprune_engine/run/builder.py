@@ -50,20 +50,56 @@ def encoders_on(teacher, device):
             torch.cuda.empty_cache()
 
 
-def patch_kernels(config: RunConfig, student, teacher_unet) -> list:
+def patch_kernels(config: RunConfig, student, teacher_unet, sample: tuple | None = None) -> list:
     """--kernels: fused ops in both UNets, in place (state dicts and outputs stay the same). Returns the
-    (unet, PatchRecord) pairs the run undoes before it hands the models back."""
+    (unet, PatchRecord) pairs the run undoes before it hands the models back.
+
+    auto: each UNet keeps the fused ops only where they make its whole step faster: the student's forward+backward
+    and the teacher's forward are timed on `sample` (latents, timesteps, text embeddings of one training batch)
+    with and without them (patching.patch_unet_if_faster); forced backends are patched as asked."""
     if not config.patches_kernels:
         if config.kernels == "auto":
             log.info("kernels auto: ZeRO-3 sharding, so the UNets keep their diffusers forwards")
         return []
-    from ..patching import patch_unet
+    from ..patching import patch_unet, patch_unet_if_faster
 
     patches = []
     for unet in (student, teacher_unet):
-        patches.append((unet, patch_unet(unet, backend=config.kernels)))
-        log.info("%s UNet %s", "student" if unet is student else "teacher", patches[-1][1].summary())
+        name = "student" if unet is student else "teacher"
+        if config.kernels != "auto" or sample is None:
+            patches.append((unet, patch_unet(unet, backend=config.kernels)))
+            log.info("%s UNet %s", name, patches[-1][1].summary())
+            continue
+        # the dtypes of training: fp32 latents into the student (under autocast), the teacher's dtype into it
+        param = next(unet.parameters())
+        dtype = param.dtype if unet is teacher_unet else torch.float32
+        latents, timesteps, text = (t.to(param.device) for t in sample)
+        record, timing = patch_unet_if_faster(
+            unet, (latents.to(dtype), timesteps), {"encoder_hidden_states": text.to(dtype)}, backward=unet is student,
+            autocast=training_autocast(config, param.device))
+        log.info("kernels auto, %s UNet: %s", name, timing.summary())
+        if record is not None:
+            patches.append((unet, record))
     return patches
+
+
+def training_autocast(config: RunConfig, device):
+    """A factory of the training step's autocast context (None without mixed precision)."""
+    if config.mixed_precision == "no":
+        return None
+    from ..bilevel.engine import AUTOCAST_DTYPES
+
+    return lambda: torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[config.mixed_precision])
+
+
+def timing_sample(data_cache, batch_size: int, latent_size: int, channels: int, seed: int) -> tuple:
+    """One training batch's shapes for patch_kernels' timing: random latents and timesteps (a generator of their
+    own, so the run's draws stay the same), the first captions' embeddings."""
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch_size, channels, latent_size, latent_size, generator=generator)
+    timesteps = torch.randint(0, 1000, (batch_size,), generator=generator)
+    rows = torch.arange(batch_size) % data_cache.text_emb.shape[0]
+    return latents, timesteps, data_cache.text_emb[rows.to(data_cache.text_emb.device)].float()
 
 
 def build_engine(config: RunConfig, teacher, student, data_folder, cache_dir: Path, latent_size: int, session=None,
@@ -135,7 +171,8 @@ def build_engine(config: RunConfig, teacher, student, data_folder, cache_dir: Pa
             report = quantize_teacher_int8(teacher_unet, latent_size, text_shape, seed=config.seed)
             if session.is_main:
                 write_int8_report(config.out, report)
-    kernel_patches = patch_kernels(config, student, teacher_unet)  # none under ZeRO-3 (auto; forced: refused)
+    sample = timing_sample(data_cache, config.batch_size, latent_size, student.config.in_channels, config.seed)
+    kernel_patches = patch_kernels(config, student, teacher_unet, sample)  # none under ZeRO-3 (auto; forced: refused)
     engine = session.make_engine(
         student, teacher_unet, teacher.noise_scheduler(), teacher.prediction_type, data_cache, config,
         concept_source=concept_source, objective=objective, projections=projections, device=device, prompts=prompts,
