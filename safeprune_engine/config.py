@@ -106,6 +106,10 @@ class RunConfig:
     bilevel_lambda: float = setting(100.0, "bilevel penalty lambda: weight of the fine-tuning loss in the outer "
                                     "step")
     bilevel_inner_steps: int = setting(20, "bilevel: inner (lower) steps per outer step")
+    bilevel_joint_forward: bool = setting(
+        False, "bilevel outer steps: one student forward over the data and concept rows and one backward of "
+        "lambda L_ft + L_cu, instead of a forward and backward for each (needs an objective that trains the whole "
+        "student, e.g. --erase-method esd; one process)")
     upper_every: int = setting(10, "alternating: one upper step every N iterations")
     two_stage_erase_steps: int | None = setting(None, "two-stage: erase steps at the end", unset="steps // 4")
     esd_pool_size: int = setting(64, "trajectory latents per concept when there is no --erase-data")
@@ -234,6 +238,9 @@ class RunConfig:
             raise SafepruneError(
                 f"unknown mixed precision {self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISION)}"
             )
+        if self.bilevel_joint_forward and (self.method != "bilevel" or self.nproc > 1 or self.zero_stage > 0):
+            raise SafepruneError("--bilevel-joint-forward is a single-process bilevel option (--method bilevel, "
+                                 "--nproc 1, --zero-stage 0)")
         if self.outer_optimizer == "factored" and self.zero_stage > 0:
             raise SafepruneError("--outer-optimizer factored needs whole weight matrices; ZeRO (--zero-stage "
                                  f"{self.zero_stage}) hands the optimizer flat partitions: use adamw or adamw-8bit")

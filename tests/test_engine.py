@@ -6,6 +6,7 @@ import torch
 from safeprune_engine.bilevel.engine import accumulate_gradients
 from safeprune_engine.bilevel.solvers import build_solver
 from safeprune_engine.config import RunConfig
+from safeprune_engine.errors import SafepruneError
 from safeprune_engine.data.imagefolder import ImageFolder
 from safeprune_engine.models.teacher import bundle_from_pipeline
 from safeprune_engine.prune.width import prune
@@ -366,3 +367,37 @@ def test_trajectory_prompts_with_stripped_anchor(tmp_path):
     assert sorted(pool.concept_index.tolist()) == [0, 0, 1, 1]  # esd_pool_size trajectories per prompt
     torch.testing.assert_close(pool.concept_emb, encode_prompts(teacher, prompts))
     torch.testing.assert_close(pool.anchor_emb, encode_prompts(teacher, ["a red square", "a blue square"]))
+
+
+@pytest.mark.parametrize("preserve", [False, True])
+def test_joint_forward_outer_step_has_the_same_gradient(tmp_path, preserve):
+    """--bilevel-joint-forward (ESD on the whole student): one student forward over [data | concept (| preserve)]
+    rows and one backward give the outer optimizer lambda * d L_ft + d L_cu, as two separate passes do, and the
+    same loss values; an objective with a restricted parameter set is refused."""
+    lam = float(torch.empty(()).uniform_(0.5, 4.0))
+    extra = dict(preserve=["a photo"], preserve_weight=0.5) if preserve else {}
+    engine, _, _ = make_engine(tmp_path, method="bilevel", erase_method="esd", bilevel_inner_steps=1,
+                               bilevel_lambda=lam, bilevel_joint_forward=True, **extra)
+    assert engine.joint_forward_possible
+    solver = build_solver(engine, engine.config, make_optimizer=recording_adamw)
+    params = all_trainable(engine)
+    solver.step(0)  # inner
+    g_ft, g_cu = independent_gradients(engine, params, include_concept=True)
+    RecordingAdamW.log = []
+    scalars = solver.step(1)  # outer
+    (optimizer, seen), = RecordingAdamW.log
+    assert optimizer is solver.optimizers["outer"]
+    reached = 0
+    for param, ft, cu in zip(params, g_ft, g_cu):
+        expected = sum(g for g in (None if ft is None else lam * ft, cu) if g is not None)
+        if isinstance(expected, int):  # neither loss reaches it
+            assert seen[id(param)] is None or not seen[id(param)].any()
+            continue
+        reached += 1
+        torch.testing.assert_close(seen[id(param)], expected, rtol=1e-4, atol=1e-6)
+    assert reached > 0.9 * len(params)
+    assert {"loss/ft", "loss/cu"} <= set(scalars)
+
+    with pytest.raises(SafepruneError, match="whole student"):
+        other, _, _ = make_engine(tmp_path / "u", method="bilevel", erase_method="esd-u", bilevel_joint_forward=True)
+        build_solver(other, other.config)

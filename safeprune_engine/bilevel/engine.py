@@ -239,15 +239,25 @@ class TrainingEngine:
 
         runner: what runs the student's forward (default the student; a ZeRO solver passes its DeepSpeed engine,
         which wraps the same module, so the taps on the student's blocks still fire)."""
-        cfg = self.config
-        need_features = cfg.w_feat > 0 and bool(self.student_taps.names)
-        capture = self.student_taps.capture() if need_features else nullcontext([])
+        capture = self.student_taps.capture() if self.needs_features else nullcontext([])
         student = self.student if runner is None else runner
         with capture as student_maps, self.autocast():
             prediction = student(data.latents, data.timesteps, encoder_hidden_states=data.text_emb).sample
+        return self.lower_loss_from(prediction, list(student_maps), data, teacher)
+
+    @property
+    def needs_features(self) -> bool:
+        return self.config.w_feat > 0 and bool(self.student_taps.names)
+
+    def lower_loss_from(self, prediction: torch.Tensor, student_maps: list[torch.Tensor], data: DataBatch,
+                        teacher: TeacherOutputs) -> LowerLoss:
+        """L_ft from the student's prediction on the data rows and its tapped block outputs there."""
+        cfg = self.config
+        need_features = self.needs_features
         parts = {"diff": diffusion_loss(prediction, data.target, data.timesteps, self.alphas_cumprod, cfg.snr_gamma,
                                         self.prediction_type)}
-        student_maps, teacher_maps = (list(student_maps), teacher.data_features) if need_features else ([], [])
+        teacher_maps = teacher.data_features if need_features else []
+        student_maps = student_maps if need_features else []
         if cfg.kernels == "off":  # eager torch, one loss call per pair
             parts["out"] = output_kd_loss(prediction, teacher.data_prediction)
             distill = cfg.w_out * parts["out"]
@@ -259,9 +269,17 @@ class TrainingEngine:
                 prediction, teacher.data_prediction, student_maps, teacher_maps, self.projections, cfg.w_out,
                 cfg.w_feat if need_features else 0.0, backend=cfg.kernels)
             parts.update(distill_parts)
-        del student_maps, teacher_maps  # the taps keep no reference; the graph holds what backward needs
         total = cfg.w_diff * parts["diff"] + distill
         return LowerLoss(total=total, parts=parts)
+
+    def upper_rows(self, concept: ConceptBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(latents, timesteps, condition) the student runs for the upper loss: the concept rows under the concept
+        condition, and with --preserve the same latents again under the preserve prompts."""
+        latents, timesteps, condition = concept.latents, concept.timesteps, concept.conditions["concept"]
+        if self.preserve_active:
+            latents, timesteps = torch.cat([latents, latents]), torch.cat([timesteps, timesteps])
+            condition = torch.cat([condition, concept.conditions["preserve"]])
+        return latents, timesteps, condition
 
     def upper_loss(self, concept: ConceptBatch | None, teacher: TeacherOutputs,
                    runner: nn.Module | None = None) -> torch.Tensor:
@@ -271,18 +289,47 @@ class TrainingEngine:
         objective = self.objective
         if objective.latents is None:  # a weight-space objective (UCE): no student forward
             return objective.loss(None, teacher.concept_predictions, concept)
-        latents, timesteps, condition = concept.latents, concept.timesteps, concept.conditions["concept"]
-        rows = latents.shape[0]
-        if self.preserve_active:
-            latents, timesteps = torch.cat([latents, latents]), torch.cat([timesteps, timesteps])
-            condition = torch.cat([condition, concept.conditions["preserve"]])
         with self.autocast():
-            prediction = self.student_forward(latents, timesteps, condition, objective.gradient_masks(), runner)
-        loss = objective.loss(prediction[:rows], teacher.concept_predictions, concept)
+            prediction = self.student_forward(*self.upper_rows(concept), objective.gradient_masks(), runner)
+        return self.upper_loss_from(prediction, concept, teacher)
+
+    def upper_loss_from(self, prediction: torch.Tensor, concept: ConceptBatch, teacher: TeacherOutputs):
+        """L_cu from the student's prediction on upper_rows(concept)."""
+        rows = concept.latents.shape[0]
+        loss = self.objective.loss(prediction[:rows], teacher.concept_predictions, concept)
         if self.preserve_active:
             held = F.mse_loss(prediction[rows:].float(), teacher.concept_predictions["preserve"].float())
             loss = loss + self.config.preserve_weight * held
         return loss
+
+    @property
+    def joint_forward_possible(self) -> bool:
+        """Whether one student forward can serve both levels: the upper level trains the whole student (no
+        restricted parameter set or mask whose share of the gradient must stay separate) and works on latents."""
+        objective = self.objective
+        if objective is None or objective.latents is None or objective.gradient_masks():
+            return False
+        return all(objective.trainable(name) for name, p in self.student.named_parameters() if p.requires_grad)
+
+    def joint_losses(self, data: DataBatch, concept: ConceptBatch, teacher: TeacherOutputs,
+                     runner: nn.Module | None = None) -> tuple[LowerLoss, torch.Tensor]:
+        """(L_ft, L_cu) from ONE student forward over [data rows | upper rows]: at a small per-device batch one
+        larger forward and backward uses the device better than two (see joint_forward_possible for when the
+        gradients are the same as two separate passes)."""
+        rows = data.latents.shape[0]
+        latents, timesteps, condition = self.upper_rows(concept)
+        if condition.shape[1:] != data.text_emb.shape[1:]:
+            raise ValueError(f"joint forward: data text embeddings {tuple(data.text_emb.shape[1:])} and concept "
+                             f"conditions {tuple(condition.shape[1:])} differ in shape")
+        capture = self.student_taps.capture(rows=slice(0, rows)) if self.needs_features else nullcontext([])
+        student = self.student if runner is None else runner
+        with capture as student_maps, self.autocast():
+            prediction = student(torch.cat([data.latents, latents.to(data.latents.dtype)]),
+                                 torch.cat([data.timesteps, timesteps]),
+                                 encoder_hidden_states=torch.cat([data.text_emb, condition.to(data.text_emb.dtype)])
+                                 ).sample
+        lower = self.lower_loss_from(prediction[:rows], list(student_maps), data, teacher)
+        return lower, self.upper_loss_from(prediction[rows:], concept, teacher)
 
     def student_forward(self, latents, timesteps, condition, masks: dict[str, torch.Tensor] | None = None,
                         runner: nn.Module | None = None):

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import SafepruneError
 from ..memory import optimizer_factory
 from ..registry import Registry
 from .engine import TrainingEngine, accumulate_gradients
@@ -69,14 +70,17 @@ class Solver:
     def finish_step(self) -> None:
         self.scaler.update()
 
-    def lower_step(self, include_concept: bool = False):
-        """Sample, run the teacher once (with the concept rows when asked) and compute L_ft."""
+    def teacher_step(self, include_concept: bool = False):
+        """Sample the step's rows and run the teacher once over them: (data, concept or None, teacher outputs)."""
         engine = self.engine
         data = engine.sample_data_batch()
         concept = engine.sample_concept_batch() if include_concept else None
-        teacher = engine.teacher_pass(data, concept, features=self.config.w_feat > 0)
-        lower = engine.lower_loss(data, teacher, runner=self.runner)
-        return lower, concept, teacher
+        return data, concept, engine.teacher_pass(data, concept, features=self.config.w_feat > 0)
+
+    def lower_step(self, include_concept: bool = False):
+        """Sample, run the teacher once (with the concept rows when asked) and compute L_ft."""
+        data, concept, teacher = self.teacher_step(include_concept)
+        return self.engine.lower_loss(data, teacher, runner=self.runner), concept, teacher
 
     @staticmethod
     def scalars(lower=None, upper=None, **extra) -> dict[str, float]:
@@ -153,6 +157,10 @@ class Bilevel(Solver):
         super().__init__(engine, config, make_optimizer)
         self.optimizers["lower"] = self.make_optimizer(engine.lower_parameters(), config.lr)
         self.optimizers["outer"] = self.make_optimizer(engine.lower_parameters(), config.effective_lr_upper, "outer")
+        if config.bilevel_joint_forward and not engine.joint_forward_possible:
+            raise SafepruneError(f"--bilevel-joint-forward: --erase-method {config.erase_method} does not train the "
+                                 "whole student with an unmasked gradient, so its upper gradient must come from a "
+                                 "forward of its own; use --erase-method esd, or leave the option off")
         self.value_estimate: float | None = None  # tracked min L_ft (the value function)
         self.ema_lower: float | None = None
 
@@ -170,17 +178,25 @@ class Bilevel(Solver):
         lam = self.config.bilevel_lambda
         outer = self.is_outer_step(iteration)
         self.zero_grad()
-        lower, concept, teacher = self.lower_step(include_concept=outer)
+        if outer:  # sample and run the teacher; the losses depend on --bilevel-joint-forward
+            data, concept, teacher = self.teacher_step(include_concept=True)
+        else:
+            lower, concept, teacher = self.lower_step()
         if not outer:
             self.backward(lower.total)
             self.optimizer_step("lower")
             self.finish_step()
             self.track_value(as_float(lower.total))
             return self.scalars(lower, value_estimate=self.value_estimate)
-        self.backward(lower.total * lam)
-        teacher.release_data()
-        upper = self.engine.upper_loss(concept, teacher, runner=self.runner)
-        self.accumulate(upper, self.engine.upper_parameters())
+        if self.config.bilevel_joint_forward:  # one forward over [data | concept], one backward
+            lower, upper = self.engine.joint_losses(data, concept, teacher, runner=self.runner)
+            self.backward(lam * lower.total + upper)
+        else:
+            lower = self.engine.lower_loss(data, teacher, runner=self.runner)
+            self.backward(lower.total * lam)
+            teacher.release_data()
+            upper = self.engine.upper_loss(concept, teacher, runner=self.runner)
+            self.accumulate(upper, self.engine.upper_parameters())
         self.optimizer_step("outer")
         self.finish_step()
         value = self.value_estimate if self.value_estimate is not None else as_float(lower.total)

@@ -27,6 +27,11 @@ class _ESD(UnlearnObjective):
         return F.mse_loss(student_prediction.float(), target)
 
 
+@OBJECTIVES.register("esd")
+class ESDWhole(_ESD):
+    """ESD's negative guidance on every student weight (the reference code's upper step)."""
+
+
 @OBJECTIVES.register("esd-u")
 class ESDUnconditional(_ESD):
     def trainable(self, parameter_name: str) -> bool:
