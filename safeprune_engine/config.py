@@ -100,8 +100,8 @@ class RunConfig:
     w_feat: float = setting(0.1, "weight of feature distillation")
     snr_gamma: float | None = setting(None, "min-SNR gamma for the diffusion loss", unset="off")
 
-    erase_method: str = setting("esd-u", "erasing objective: esd-u | esd-x | concept-ablation-model | "
-                                "concept-ablation-noise | uce | salun (or a plug-in's name)")
+    erase_method: str = setting("esd-u", "erasing objective: esd-u | esd-x | esd (every weight) | "
+                                "concept-ablation-model | concept-ablation-noise | uce | salun (or a plug-in's name)")
     eta: float = setting(1.0, "ESD negative-guidance strength")
     bilevel_lambda: float = setting(100.0, "bilevel penalty lambda: weight of the fine-tuning loss in the outer "
                                     "step")
