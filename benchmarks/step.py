@@ -49,10 +49,11 @@ CONCEPT = "by monet"
 COLOURS = ("red", "green", "blue", "yellow")
 DATA_CAPTIONS = [f"a {c} square" for c in COLOURS] + [f"a {c} square on a dark background" for c in COLOURS]
 CONCEPT_CAPTIONS = [f"a {c} square {CONCEPT}" for c in COLOURS]
-VARIANTS = ("a", "b", "k", "c")
+VARIANTS = ("a", "b", "k", "c", "e", "j")
 LABELS = {"a": "(a) ours distill-only", "b": "(b) ours bilevel", "k": "(k) ours bilevel, --kernels off",
-          "c": "(c) reference-style"}
-BILEVEL_VARIANTS = ("b", "k")
+          "c": "(c) reference-style", "e": "(e) ours bilevel, esd (whole student)",
+          "j": "(j) (e) with --bilevel-joint-forward"}
+BILEVEL_VARIANTS = ("b", "k", "e", "j")
 PAPER_INNER_STEPS = 20  # K in the paper: 20 lower steps per outer step, a period of 21
 MEMORY_STEPS = 2  # steps of each kind in the memory pass that precedes timing
 CONTENDED_CPUS = 0.15  # other processes' CPU use beyond the cores we leave free that flags CPU timings
@@ -95,7 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="v_prediction as SD 2.1 in the paper's setup")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--variants", default="a,b,k,c", help="comma list of a, b, k, c")
+    p.add_argument("--variants", default="a,b,k,c",
+                   help="comma list of a, b, k, c, e, j (e, j: the upper level on every weight, two student passes "
+                        "vs one joint forward on outer steps)")
     p.add_argument("--kernels", default="auto", choices=("auto", "off", "cpp", "triton", "cuda"),
                    help="our engine's --kernels for (a) and (b); (k) is (b) with --kernels off")
     p.add_argument("--quick", action="store_true",
@@ -195,7 +198,7 @@ def write_folders(workdir: Path, resolution: int, seed: int) -> tuple[Path, Path
 
 
 # ---- one variant (runs in its own process) ---------------------------------------------------------------
-def build_ours(args, bundle, student, device, workdir: Path, method: str, kernels: str):
+def build_ours(args, bundle, student, device, workdir: Path, method: str, kernels: str, **extra):
     """Our engine as a run builds it: latent cache (the encoders' one use, on the device), cached concept targets,
     engine, solver; shipped defaults except the schedule, the batch and --kernels."""
     from safeprune_engine.bilevel.solvers import build_solver
@@ -208,6 +211,7 @@ def build_ours(args, bundle, student, device, workdir: Path, method: str, kernel
                     seed=args.seed, mixed_precision=args.mixed_precision, lr=1e-6, progress=False,
                     bilevel_inner_steps=args.period - 1, upper_every=args.period, erase_method="esd-u",
                     device=str(device), kernels=kernels)
+    settings.update(extra)
     if method != "distill-only":
         settings.update(erase=[CONCEPT], erase_data=str(workdir / "concepts"))
     config = RunConfig(**settings).validate()
@@ -310,7 +314,9 @@ def run_worker(args) -> None:
         kinds = {"step": checked(lambda: solver.step(0))}
     else:
         kernels = "off" if args.worker == "k" else args.kernels
-        engine, solver = build_ours(args, bundle, student, device, workdir, "bilevel", kernels)
+        extra = {"e": dict(erase_method="esd"), "j": dict(erase_method="esd", bilevel_joint_forward=True)}
+        engine, solver = build_ours(args, bundle, student, device, workdir, "bilevel", kernels,
+                                    **extra.get(args.worker, {}))
         kinds = {"lower": checked(lambda: solver.step(0)), "outer": checked(lambda: solver.step(args.period - 1))}
     info["setup_s"] = time.perf_counter() - t0
 
@@ -469,6 +475,10 @@ def summarise(args, results: dict) -> dict:
                                       "measure": V["b"]["memory"]["kind"] + (
                                           " peak" if V["b"]["memory"]["kind"] == "cuda_allocated"
                                           else " peak above the post-setup RSS")}
+    if "e" in V and "j" in V:
+        ratios["e_over_j_time"] = V["e"]["amortised_s"][key] / V["j"]["amortised_s"][key]
+        ratios["e_over_j_time_outer"] = V["e"]["times_s"]["outer"] / V["j"]["times_s"]["outer"]
+        ratios["e_over_j_memory"] = V["e"]["memory_primary_bytes"] / V["j"]["memory_primary_bytes"]
     if "k" in V and "b" in V:
         ratios["k_over_b_time"] = V["k"]["amortised_s"][key] / V["b"]["amortised_s"][key]
         ratios["k_over_b_time_lower"] = V["k"]["times_s"]["lower"] / V["b"]["times_s"]["lower"]
@@ -529,7 +539,7 @@ def print_report(args, meta: dict, summary: dict) -> None:
 
     if "a" in V:
         row(LABELS["a"] + " step", V["a"]["step_s"], V["a"].get("step_flops"), V["a"]["memory"])
-    for v in ("b", "k", "c"):
+    for v in ("b", "k", "e", "j", "c"):
         if v not in V:
             continue
         e = V[v]
@@ -568,6 +578,10 @@ def print_report(args, meta: dict, summary: dict) -> None:
         if not cuda and "c_over_b_memory_peak_above_baseline" in R:
             ratio_row("(c)/(b) peak memory (models + training)", R["c_over_b_memory_peak_above_baseline"])
             ratio_row("(c)/(b) peak memory (absolute RSS)", R["c_over_b_memory_peak"])
+    if "e_over_j_time" in R:
+        ratio_row("(e)/(j) outer step time: joint forward speed-up", R["e_over_j_time_outer"])
+        ratio_row(f"(e)/(j) time, P={P}", R["e_over_j_time"])
+        ratio_row("(e)/(j) peak memory", R["e_over_j_memory"])
     if "k_over_b_time" in R:
         ratio_row(f"(k)/(b) time: --kernels off / {args.kernels}, P={P}", R["k_over_b_time"], None, ">= 1.15",
                   T["kernels_speedup"]["met"])
