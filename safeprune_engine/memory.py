@@ -34,14 +34,19 @@ def require_bitsandbytes(option: str):
 # memory, so the outer role gets a compact one by default (--outer-optimizer).
 
 
-def adamw(params, lr: float, role: str = "lower") -> torch.optim.Optimizer:
+def adamw(params, lr: float, role: str = "lower", fused: bool = True) -> torch.optim.Optimizer:
     """torch AdamW with its defaults, fused: one vectorised pass per tensor (about 4x faster than the per-tensor
     loop on CPU, one kernel launch on CUDA), and each tensor is updated on its own, so results do not depend on
-    how tensors are grouped and a resumed run repeats an uninterrupted one bit for bit."""
+    how tensors are grouped and a resumed run repeats an uninterrupted one bit for bit. fused=False: the per-tensor
+    loop (ZeRO steps the optimizer on flat partitions it swaps in, which the fused kernel's state cannot follow)."""
     params = list(params)
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
-                for p in _param_list(params))
+    fused = fused and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16,
+                                                                            torch.bfloat16) for p in _param_list(params))
     return torch.optim.AdamW(params, lr=lr, foreach=False if not fused else None, fused=fused or None)
+
+
+def adamw_unfused(params, lr: float, role: str = "lower") -> torch.optim.Optimizer:
+    return adamw(params, lr, role, fused=False)
 
 
 def adamw_8bit(params, lr: float, role: str = "lower") -> torch.optim.Optimizer:
@@ -136,8 +141,10 @@ def optimizer_factory(config):
     """The factory every solver optimizer is built with, as (params, lr, role) -> optimizer: role "lower" takes
     bitsandbytes AdamW8bit with --use-8bit-adam, else torch AdamW; role "outer" (once-per-period steps) takes
     --outer-optimizer. The run passes it to the solver's constructor."""
-    lower = adamw_8bit if config.use_8bit_adam else adamw
-    outer = {"factored": factored_adamw, "adamw-8bit": adamw_8bit, "adamw": adamw}[config.effective_outer_optimizer]
+    torch_adamw = adamw_unfused if config.zero_stage > 0 else adamw
+    lower = adamw_8bit if config.use_8bit_adam else torch_adamw
+    outer = {"factored": factored_adamw, "adamw-8bit": adamw_8bit,
+             "adamw": torch_adamw}[config.effective_outer_optimizer]
 
     def make(params, lr: float, role: str = "lower") -> torch.optim.Optimizer:
         return (outer if role == "outer" else lower)(params, lr, role)

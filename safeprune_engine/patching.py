@@ -279,18 +279,15 @@ class PatchTiming:
                 f"{'forward+backward' if self.backward else 'forward'} ({self.plain_s / self.patched_s:.2f}x)")
 
 
-def patch_unet_if_faster(unet: nn.Module, inputs: tuple, kwargs: dict, backward: bool, autocast=None,
-                         ops: Iterable[str] = DEFAULT_OPS, margin: float = 0.02) -> tuple[Optional[PatchRecord],
-                                                                                            PatchTiming]:
-    """Patch ``unet`` with the auto backends (each op timing its backends per call shape) and keep the patch only if
-    the whole forward (+ backward with ``backward``) on ``inputs`` then runs at least ``margin`` faster than the
-    diffusers forwards: per-op timing cannot see what a patched module costs around the op (its wrapper, layout
-    changes), and a UNet of tiny layers can lose overall while every op wins. Gradients the timing makes are
-    dropped. Returns (the PatchRecord, or None when the UNet was left unpatched, and the timing)."""
+def time_patched_unet(unet: nn.Module, inputs: tuple, kwargs: dict, backward: bool, autocast=None,
+                      ops: Iterable[str] = DEFAULT_OPS) -> PatchTiming:
+    """Median time of one forward (+ backward with ``backward``) of ``unet`` on ``inputs`` with its diffusers
+    forwards and with the fused ops on the auto backends (each op timing its backends per call shape on the first
+    patched call, cached from then on). The UNet is left unpatched and without gradients; ``kept`` is unset."""
     from .ops.autotune import measure
 
     device = next(unet.parameters()).device
-    context = autocast if autocast is not None else (lambda: contextlib.nullcontext())
+    context = autocast if autocast is not None else contextlib.nullcontext
 
     def run():
         with context(), torch.set_grad_enabled(backward):
@@ -308,10 +305,38 @@ def patch_unet_if_faster(unet: nn.Module, inputs: tuple, kwargs: dict, backward:
 
     plain = timed()
     record = patch_unet(unet, backend="auto", ops=ops)
-    run()  # the first patched call times each op's backends for these shapes (cached from then on)
-    patched = timed()
-    kept = patched < (1.0 - margin) * plain
-    if not kept:
+    try:
+        run()  # the first patched call times each op's backends for these shapes
+        patched = timed()
+    finally:
         unpatch_unet(unet, record)
-        record = None
-    return record, PatchTiming(plain_s=plain, patched_s=patched, kept=kept, backward=backward)
+    return PatchTiming(plain_s=plain, patched_s=patched, kept=False, backward=backward)
+
+
+def patch_unet_if_faster(unet: nn.Module, inputs: tuple, kwargs: dict, backward: bool, autocast=None,
+                         ops: Iterable[str] = DEFAULT_OPS, margin: float = 0.02) -> tuple[Optional[PatchRecord],
+                                                                                            PatchTiming]:
+    """Patch ``unet`` with the auto backends only if its whole forward (+ backward with ``backward``) on ``inputs``
+    then runs at least ``margin`` faster than with the diffusers forwards (time_patched_unet): per-op timing cannot
+    see what a patched module costs around the op (its wrapper, layout changes), and a UNet of tiny layers can lose
+    overall while every op wins. Returns (the PatchRecord, or None when the UNet was left unpatched, the timing)."""
+    timing = time_patched_unet(unet, inputs, kwargs, backward, autocast, ops)
+    timing.kept = timing.patched_s < (1.0 - margin) * timing.plain_s
+    return (patch_unet(unet, backend="auto", ops=ops) if timing.kept else None), timing
+
+
+def unet_timing_key(unet: nn.Module, inputs: tuple, kwargs: dict, backward: bool, autocast_dtype, ops) -> str:
+    """What a whole-UNet timing depends on besides the device: the architecture (config and parameter shapes and
+    dtypes), the inputs' shapes and dtypes, forward or forward+backward, autocast and the fused ops."""
+    import hashlib
+    import json
+
+    from .ops.autotune import describe
+
+    config = dict(getattr(unet, "config", {}) or {})
+    params = [(name, describe(p.detach())) for name, p in unet.named_parameters()]
+    payload = json.dumps({"class": type(unet).__name__, "config": config, "params": params,
+                          "inputs": describe(tuple(inputs)), "kwargs": {k: describe(v) for k, v in kwargs.items()},
+                          "backward": backward, "autocast": str(autocast_dtype), "ops": list(ops)},
+                         sort_keys=True, default=str)
+    return "unet:" + hashlib.sha256(payload.encode()).hexdigest()[:20]

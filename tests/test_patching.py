@@ -304,3 +304,33 @@ def test_patch_if_faster_keeps_the_patch_only_when_the_whole_unet_wins(backward)
         after = unet(latents, timesteps, encoder_hidden_states=text).sample
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
     unpatch_unet(unet, record)
+
+
+def test_whole_unet_decision_is_timed_once_then_cached(monkeypatch):
+    """--kernels auto's per-UNet decision: timed on the first run, stored with the ops' decisions per device and
+    taken from there afterwards (so a rerun patches the same way), never timed with SAFEPRUNE_AUTOTUNE=0."""
+    import safeprune_engine.patching as patching
+    from safeprune_engine.config import RunConfig
+    from safeprune_engine.ops import autotune
+    from safeprune_engine.run.builder import fused_ops_pay_off
+
+    unet = tiny_unet(seed=4).train()
+    sample = unet_inputs(unet)
+    config = RunConfig()
+    keep, why = fused_ops_pay_off(config, unet, sample, backward=True)
+    assert "timed now" in why and ("not kept" in why) != keep
+    assert all(p.grad is None for p in unet.parameters())
+    assert getattr(unet, "_safeprune_patch_record", None) is None  # deciding leaves the UNet as it was
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed again although the decision was cached")
+
+    monkeypatch.setattr(patching, "time_patched_unet", no_timing)
+    autotune.cache().clear_memory()  # from disk this time
+    again, why_again = fused_ops_pay_off(config, unet, sample, backward=True)
+    assert again == keep and "cached" in why_again
+    # a different input shape is another decision
+    with pytest.raises(AssertionError, match="timed again"):
+        fused_ops_pay_off(config, unet, unet_inputs(unet, batch=3), backward=True)
+    monkeypatch.setenv("SAFEPRUNE_AUTOTUNE", "0")
+    assert fused_ops_pay_off(config, unet, unet_inputs(unet, batch=3), backward=True)[0] is True

@@ -163,6 +163,12 @@ def _device_context(device: torch.device) -> tuple:
     return (device.type, device.index)
 
 
+def device_context(device: torch.device) -> tuple:
+    """The key part naming the device a decision holds for (its cache file); for decisions made outside the ops,
+    e.g. whether a whole patched UNet is faster (patching)."""
+    return _device_context(torch.device(device))
+
+
 @functools.lru_cache(maxsize=64)
 def fingerprint(context: tuple) -> dict:
     """The device a decision holds for (see the module docstring), from :func:`_device_context`'s tuple."""

@@ -50,37 +50,64 @@ def encoders_on(teacher, device):
             torch.cuda.empty_cache()
 
 
-def patch_kernels(config: RunConfig, student, teacher_unet, sample: tuple | None = None) -> list:
+def patch_kernels(config: RunConfig, student, teacher_unet, sample: tuple | None = None, session=None) -> list:
     """--kernels: fused ops in both UNets, in place (state dicts and outputs stay the same). Returns the
     (unet, PatchRecord) pairs the run undoes before it hands the models back.
 
-    auto: each UNet keeps the fused ops only where they make its whole step faster: the student's forward+backward
-    and the teacher's forward are timed on `sample` (latents, timesteps, text embeddings of one training batch)
-    with and without them (patching.patch_unet_if_faster); forced backends are patched as asked."""
+    auto: each UNet keeps the fused ops only where they make its whole step faster (fused_ops_pay_off); forced
+    backends are patched as asked."""
     if not config.patches_kernels:
         if config.kernels == "auto":
             log.info("kernels auto: ZeRO-3 sharding, so the UNets keep their diffusers forwards")
         return []
-    from ..patching import patch_unet, patch_unet_if_faster
+    from ..patching import patch_unet
 
     patches = []
     for unet in (student, teacher_unet):
         name = "student" if unet is student else "teacher"
-        if config.kernels != "auto" or sample is None:
-            patches.append((unet, patch_unet(unet, backend=config.kernels)))
-            log.info("%s UNet %s", name, patches[-1][1].summary())
-            continue
-        # the dtypes of training: fp32 latents into the student (under autocast), the teacher's dtype into it
-        param = next(unet.parameters())
-        dtype = param.dtype if unet is teacher_unet else torch.float32
-        latents, timesteps, text = (t.to(param.device) for t in sample)
-        record, timing = patch_unet_if_faster(
-            unet, (latents.to(dtype), timesteps), {"encoder_hidden_states": text.to(dtype)}, backward=unet is student,
-            autocast=training_autocast(config, param.device))
-        log.info("kernels auto, %s UNet: %s", name, timing.summary())
-        if record is not None:
-            patches.append((unet, record))
+        if config.kernels == "auto" and sample is not None:
+            agree = session.agree if session is not None else (lambda decide: decide())
+            keep, why = agree(lambda: fused_ops_pay_off(config, unet, sample, backward=unet is student))
+            log.info("kernels auto, %s UNet: %s", name, why)
+            if not keep:
+                continue
+        patches.append((unet, patch_unet(unet, backend=config.kernels)))
+        log.info("%s UNet %s", name, patches[-1][1].summary())
     return patches
+
+
+def fused_ops_pay_off(config: RunConfig, unet, sample: tuple, backward: bool, margin: float = 0.02) -> tuple:
+    """(keep, why): whether the fused ops make `unet`'s step (the student's forward+backward, the teacher's forward)
+    at least `margin` faster on one training batch (`sample`: latents, timesteps, text embeddings), timed with and
+    without them (patching.time_patched_unet; per-op timing cannot see what a patched module costs around its op,
+    which on a UNet of tiny layers outweighs every op's gain). The decision is cached per device with the ops'
+    own decisions ($SAFEPRUNE_CACHE_DIR/autotune), so reruns take the same one; SAFEPRUNE_AUTOTUNE=0 keeps the
+    fused ops without timing."""
+    from ..ops import autotune
+    from ..patching import DEFAULT_OPS, time_patched_unet, unet_timing_key
+
+    if not autotune.enabled():
+        return True, "fused ops kept without timing (SAFEPRUNE_AUTOTUNE=0)"
+    # the dtypes of training: fp32 latents into the student (under autocast), the teacher's dtype into it
+    param = next(unet.parameters())
+    dtype = torch.float32 if backward else param.dtype
+    latents, timesteps, text = (t.to(param.device) for t in sample)
+    inputs, kwargs = (latents.to(dtype), timesteps), {"encoder_hidden_states": text.to(dtype)}
+    autocast = training_autocast(config, param.device)
+    context = autotune.device_context(param.device)
+    key = unet_timing_key(unet, inputs, kwargs, backward, config.mixed_precision, DEFAULT_OPS)
+    entry = autotune.cache().lookup(context, key)
+    if entry is None:
+        timing = time_patched_unet(unet, inputs, kwargs, backward, autocast)
+        keep = timing.patched_s < (1.0 - margin) * timing.plain_s
+        autotune.cache().store(context, key, "patched" if keep else "plain",
+                               {"patched": 1e3 * timing.patched_s, "plain": 1e3 * timing.plain_s})
+        ms, source = (1e3 * timing.patched_s, 1e3 * timing.plain_s), "timed now"
+    else:
+        keep, ms, source = entry["backend"] == "patched", (entry["ms"]["patched"], entry["ms"]["plain"]), "cached"
+    what = "forward+backward" if backward else "forward"
+    verdict = "fused ops kept" if keep else "fused ops not kept (not faster than eager)"
+    return keep, f"{verdict}: {ms[0]:.1f} ms vs eager {ms[1]:.1f} ms per {what} ({ms[1] / ms[0]:.2f}x, {source})"
 
 
 def training_autocast(config: RunConfig, device):
@@ -172,7 +199,7 @@ def build_engine(config: RunConfig, teacher, student, data_folder, cache_dir: Pa
             if session.is_main:
                 write_int8_report(config.out, report)
     sample = timing_sample(data_cache, config.batch_size, latent_size, student.config.in_channels, config.seed)
-    kernel_patches = patch_kernels(config, student, teacher_unet, sample)  # none under ZeRO-3 (auto; forced: refused)
+    kernel_patches = patch_kernels(config, student, teacher_unet, sample, session)  # none under ZeRO-3 (auto; forced: refused)
     engine = session.make_engine(
         student, teacher_unet, teacher.noise_scheduler(), teacher.prediction_type, data_cache, config,
         concept_source=concept_source, objective=objective, projections=projections, device=device, prompts=prompts,

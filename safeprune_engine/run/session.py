@@ -69,6 +69,10 @@ class LocalSession:
         """Run `work` (which may write shared files) and return its value."""
         return work()
 
+    def agree(self, decide):
+        """`decide()`'s value, the same on every rank (a timing-based choice must not differ between ranks)."""
+        return decide()
+
     def broadcast(self, module: torch.nn.Module) -> None:
         """Make every rank hold this process's weights of `module`: nothing to do with one process."""
 
@@ -187,6 +191,10 @@ class DistributedSession:
         if not self.is_main:
             result = work()
         return result
+
+    def agree(self, decide):
+        """Rank 0 runs `decide()` (a timing-based choice) and every rank takes its value."""
+        return self.context.broadcast_object(decide() if self.is_main else None)
 
     def broadcast(self, module: torch.nn.Module) -> None:
         """Every rank takes rank 0's parameters and buffers of `module`."""
