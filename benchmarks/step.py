@@ -336,6 +336,11 @@ def run_worker(args) -> None:
                     steady.append(probe.level_above_setup())
             result["memory"] = {**probe.read(), "exact_heap": exact,
                                 "steady_above_setup_bytes": None if None in steady else max(steady)}
+        if args.worker != "c":  # what each of our optimizers holds (bytes of state tensors)
+            result["memory"]["optimizer_state_bytes"] = {
+                name: sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                          for t in state.values() if isinstance(t, torch.Tensor))
+                for name, optimizer in solver.optimizers.items()}
     if args.phase in ("time", "both"):
         # glibc's default allocator behaviour here: the pinned thresholds `exact_heap` leaves behind change CPU
         # step times by +-10%, which is why CPU runs measure memory and time in separate processes

@@ -67,22 +67,23 @@ def _param_list(params: list) -> list:
 
 
 class FactoredAdamW(torch.optim.Optimizer):
-    """AdamW's update without its first moment and with Adafactor's factored second moment (Shazeer & Stern, 2018):
-    a matrix-shaped gradient G (R x C; conv weights as out x in*k*k) keeps the running means of G^2 over its rows and
-    over its columns, R + C numbers instead of 2*R*C, and estimates V = (row_mean outer col_mean) / mean(row_mean).
-    Vectors keep a full second moment. The step is lr * G / (sqrt(V_hat) + eps), bias-corrected like Adam's and
-    clipped to an RMS of at most `clip` (Adafactor's safeguard for the missing momentum), plus AdamW's decoupled
-    weight decay; so the learning rate means what it means for AdamW.
-
-    Used for the once-per-period outer / upper step: about 0.1% of AdamW's 8 bytes per parameter.
+    """AdamW with Adafactor's factored second moment (Shazeer & Stern, 2018) and an optional low-precision first
+    moment. A matrix-shaped gradient G (R x C; conv weights as out x in*k*k) keeps the running means of G^2 over its
+    rows and over its columns, R + C numbers instead of R*C, and estimates V = (row_mean outer col_mean) /
+    mean(row_mean); vectors keep a full second moment. The first moment (beta1 > 0) is stored in `momentum_dtype`
+    (bfloat16: 2 bytes per parameter, against AdamW's 8 for both moments). The step is lr * M_hat / (sqrt(V_hat) +
+    eps), bias-corrected like Adam's, plus AdamW's decoupled weight decay, so the learning rate means what it means
+    for AdamW. Without a first moment (beta1 = 0: ~0 bytes per parameter) each step's update is clipped to an RMS
+    of at most `clip`, Adafactor's safeguard for the missing averaging.
     """
 
-    def __init__(self, params, lr: float = 1e-3, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2,
-                 clip: float = 1.0):
-        if lr <= 0 or not 0.0 <= beta2 < 1.0 or eps <= 0 or weight_decay < 0 or clip <= 0:
-            raise ValueError(f"FactoredAdamW: bad settings lr={lr} beta2={beta2} eps={eps} "
+    def __init__(self, params, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                 weight_decay: float = 1e-2, clip: float = 1.0, momentum_dtype: torch.dtype = torch.bfloat16):
+        if lr <= 0 or not 0.0 <= beta1 < 1.0 or not 0.0 <= beta2 < 1.0 or eps <= 0 or weight_decay < 0 or clip <= 0:
+            raise ValueError(f"FactoredAdamW: bad settings lr={lr} beta1={beta1} beta2={beta2} eps={eps} "
                              f"weight_decay={weight_decay} clip={clip}")
-        super().__init__(params, dict(lr=lr, beta2=beta2, eps=eps, weight_decay=weight_decay, clip=clip))
+        super().__init__(params, dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, clip=clip,
+                                      momentum_dtype=momentum_dtype))
 
     @staticmethod
     def _matrix(tensor: torch.Tensor) -> torch.Tensor | None:
@@ -96,7 +97,7 @@ class FactoredAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, beta2, eps, wd, clip = (group[k] for k in ("lr", "beta2", "eps", "weight_decay", "clip"))
+            lr, beta1, beta2, eps, wd, clip = (group[k] for k in ("lr", "beta1", "beta2", "eps", "weight_decay", "clip"))
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -112,21 +113,30 @@ class FactoredAdamW(torch.optim.Optimizer):
                     else:
                         state["exp_avg_sq_row"] = grad.new_zeros(matrix.shape[0])
                         state["exp_avg_sq_col"] = grad.new_zeros(matrix.shape[1])
+                    if beta1 > 0:
+                        state["exp_avg"] = torch.zeros_like(grad, dtype=group["momentum_dtype"])
                 state["step"] += 1
-                correction = 1.0 - beta2 ** float(state["step"])
+                step = float(state["step"])
+                correction2 = 1.0 - beta2 ** step
                 squared = grad.square().add_(1e-30)
                 if matrix is None:
                     state["exp_avg_sq"].lerp_(squared, 1.0 - beta2)
-                    denom = (state["exp_avg_sq"] / correction).sqrt_().add_(eps)
+                    denom = (state["exp_avg_sq"] / correction2).sqrt_().add_(eps)
                 else:
                     squared = self._matrix(squared)
                     row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
                     row.lerp_(squared.mean(dim=1), 1.0 - beta2)
                     col.lerp_(squared.mean(dim=0), 1.0 - beta2)
-                    scale = 1.0 / (row.mean() * correction)
+                    scale = 1.0 / (row.mean() * correction2)
                     denom = torch.outer(row * scale, col).sqrt_().add_(eps).reshape(grad.shape)
-                update = grad.div_(denom)
-                update.div_((update.square().mean().sqrt() / clip).clamp_(min=1.0))
+                del squared
+                if beta1 > 0:
+                    momentum = state["exp_avg"].float().lerp(grad, 1.0 - beta1)  # fp32 arithmetic, stored rounded
+                    state["exp_avg"].copy_(momentum)
+                    update = momentum.div_(denom).mul_(1.0 / (1.0 - beta1 ** step))
+                else:
+                    update = grad.div_(denom) if grad is not param.grad else grad / denom
+                    update.div_((update.square().mean().sqrt() / clip).clamp_(min=1.0))
                 if wd:
                     param.mul_(1.0 - lr * wd)
                 param.add_(update.to(param.dtype), alpha=-lr)
@@ -134,7 +144,13 @@ class FactoredAdamW(torch.optim.Optimizer):
 
 
 def factored_adamw(params, lr: float, role: str = "outer") -> torch.optim.Optimizer:
+    """Factored second moment, bfloat16 first moment: 2 bytes per parameter."""
     return FactoredAdamW(params, lr=lr)
+
+
+def factored_adamw_lean(params, lr: float, role: str = "outer") -> torch.optim.Optimizer:
+    """Factored second moment, no first moment: ~0 bytes per parameter."""
+    return FactoredAdamW(params, lr=lr, beta1=0.0)
 
 
 def optimizer_factory(config):
@@ -143,7 +159,7 @@ def optimizer_factory(config):
     --outer-optimizer. The run passes it to the solver's constructor."""
     torch_adamw = adamw_unfused if config.zero_stage > 0 else adamw
     lower = adamw_8bit if config.use_8bit_adam else torch_adamw
-    outer = {"factored": factored_adamw, "adamw-8bit": adamw_8bit,
+    outer = {"factored": factored_adamw, "factored-lean": factored_adamw_lean, "adamw-8bit": adamw_8bit,
              "adamw": torch_adamw}[config.effective_outer_optimizer]
 
     def make(params, lr: float, role: str = "lower") -> torch.optim.Optimizer:

@@ -20,7 +20,9 @@ from safeprune_engine.errors import SafepruneError
 ROOT = Path(__file__).resolve().parent.parent
 CAPTIONS = ["a red square", "a blue square", "a green square", "a yellow square"] * 2
 RUN = ["--erase", "by monet", "--prune-ratio", "0.5", "--resolution", "16", "--batch-size", "4", "--esd-pool-size", "4",
-       "--esd-ddim-steps", "3", "--bilevel-inner-steps", "1", "--no-progress", "--lr", "1e-3", "--log-every", "1"]
+       "--esd-ddim-steps", "3", "--bilevel-inner-steps", "1", "--no-progress", "--lr", "1e-3", "--log-every", "1",
+       # the single-process default (factored) cannot run on ZeRO's flat partitions: one optimizer for both sides
+       "--outer-optimizer", "adamw"]
 
 
 def rank_env() -> dict:

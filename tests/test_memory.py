@@ -75,43 +75,60 @@ def test_8bit_adam_solver_optimizers(tmp_path):
     torch.save(state, path)
     assert torch.load(path, weights_only=True)["optimizers"]["lower"]["state"]
     # the factory is chosen per run and role: without --use-8bit-adam the lower role gets torch AdamW, and the
-    # once-per-period outer role the compact default whatever --use-8bit-adam says
+    # once-per-period outer role a compact optimizer whatever --use-8bit-adam says (8-bit here: bitsandbytes is in)
     plain = optimizer_factory(RunConfig(erase=["x"]))
     assert type(plain([torch.nn.Parameter(torch.zeros(3))], 1e-3)) is torch.optim.AdamW
-    assert type(plain([torch.nn.Parameter(torch.zeros(3))], 1e-3, "outer")) is FactoredAdamW
-    lean = optimizer_factory(RunConfig(erase=["x"], use_8bit_adam=True))
-    assert type(lean([torch.nn.Parameter(torch.zeros(3))], 1e-3, "outer")) is FactoredAdamW
+    assert type(plain([torch.nn.Parameter(torch.zeros(3))], 1e-3, "outer")).__name__ == "AdamW8bit"
+    for name, beta1 in (("factored", 0.9), ("factored-lean", 0.0)):
+        made = optimizer_factory(RunConfig(erase=["x"], outer_optimizer=name))([torch.nn.Parameter(torch.zeros(3))],
+                                                                               1e-3, "outer")
+        assert type(made) is FactoredAdamW and made.defaults["beta1"] == beta1
 
 
-def adam_without_momentum(param, grads, lr, beta2=0.999, eps=1e-8, weight_decay=1e-2, clip=1.0):
-    """The update FactoredAdamW approximates, written out with a full (unfactored) second moment."""
-    value, second = param.clone(), torch.zeros_like(param)
+def adam_reference(param, grads, lr, beta1, beta2=0.999, eps=1e-8, weight_decay=1e-2, clip=1.0):
+    """The update FactoredAdamW approximates, written out with a full (unfactored) second moment and an fp32 first
+    moment (beta1 = 0: no first moment, the update clipped to RMS <= clip)."""
+    value, first, second = param.clone(), torch.zeros_like(param), torch.zeros_like(param)
     for step, grad in enumerate(grads, 1):
         second = beta2 * second + (1 - beta2) * grad * grad
-        update = grad / ((second / (1 - beta2 ** step)).sqrt() + eps)
-        update = update / max(1.0, float(update.pow(2).mean().sqrt()) / clip)
+        denom = (second / (1 - beta2 ** step)).sqrt() + eps
+        if beta1 > 0:
+            first = beta1 * first + (1 - beta1) * grad
+            update = first / (1 - beta1 ** step) / denom
+        else:
+            update = grad / denom
+            update = update / max(1.0, float(update.pow(2).mean().sqrt()) / clip)
         value = value * (1 - lr * weight_decay) - lr * update
     return value
 
 
+@pytest.mark.parametrize("beta1", [0.0, 0.9])
 @pytest.mark.parametrize("shape", [(7,), (6, 5), (8, 3, 3, 3)])
-def test_factored_adamw_matches_its_definition(shape):
+def test_factored_adamw_matches_its_definition(shape, beta1):
     """Where the squared gradients are rank one (|G| = a b^T, so row and column means determine them exactly), the
-    factored second moment equals the full one and FactoredAdamW takes exactly Adam's momentum-free steps; vectors
-    keep a full second moment always. The states are R + C numbers, not R x C."""
+    factored second moment equals the full one and FactoredAdamW takes exactly Adam's steps (with an fp32 first
+    moment here); vectors keep a full second moment always. The second-moment state is R + C numbers, not R x C;
+    the default first moment is bfloat16, 2 bytes per parameter, and stays within bf16 rounding of the exact one."""
     torch.manual_seed(len(shape))
     rows, cols = shape[0], int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1
     magnitude = (torch.rand(rows, 1) + 0.1) * (torch.rand(1, cols) + 0.1)  # rank one, positive
     grads = [(magnitude * torch.randn(rows, cols).sign()).reshape(shape) * 10 ** -k for k in range(3)]
-    param = torch.nn.Parameter(torch.randn(shape))
-    expected = adam_without_momentum(param.detach(), grads, lr=1e-2)
-    optimizer = FactoredAdamW([param], lr=1e-2)
-    for grad in grads:
-        param.grad = grad.clone()
-        optimizer.step()
-    torch.testing.assert_close(param.detach(), expected, rtol=1e-5, atol=1e-6)
-    state_numbers = sum(t.numel() for k, t in optimizer.state[param].items() if k != "step")
-    assert state_numbers == (rows if len(shape) == 1 else rows + cols)
+    start = torch.randn(shape)
+    expected = adam_reference(start, grads, lr=1e-2, beta1=beta1)
+    for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 1e-4)):
+        param = torch.nn.Parameter(start.clone())
+        optimizer = FactoredAdamW([param], lr=1e-2, beta1=beta1, momentum_dtype=dtype)
+        for grad in grads:
+            param.grad = grad.clone()
+            optimizer.step()
+            assert torch.equal(param.grad, grad)  # the step leaves .grad as it was
+        torch.testing.assert_close(param.detach(), expected, rtol=1e-5, atol=tolerance)
+        state = optimizer.state[param]
+        second_numbers = sum(t.numel() for k, t in state.items() if k.startswith("exp_avg_sq"))
+        assert second_numbers == (rows if len(shape) == 1 else rows + cols)
+        assert ("exp_avg" in state) == (beta1 > 0)
+        if beta1 > 0:
+            assert state["exp_avg"].dtype == dtype
 
 
 def test_factored_adamw_trains_and_saves_memory():
@@ -120,7 +137,7 @@ def test_factored_adamw_trains_and_saves_memory():
     torch.manual_seed(0)
     target = torch.randn(64, 48)
     weight = torch.nn.Parameter(torch.zeros(64, 48))
-    optimizer = FactoredAdamW([weight], lr=3e-2, weight_decay=0.0)
+    optimizer = FactoredAdamW([weight], lr=3e-2, weight_decay=0.0)  # bf16 first moment: 2 bytes per parameter
     start = float((weight - target).detach().pow(2).mean())
     for _ in range(200):
         optimizer.zero_grad()
@@ -128,7 +145,8 @@ def test_factored_adamw_trains_and_saves_memory():
         optimizer.step()
     assert float((weight - target).detach().pow(2).mean()) < 0.05 * start
     state_bytes = sum(t.numel() * t.element_size() for t in optimizer.state[weight].values())
-    assert state_bytes < 0.05 * 2 * weight.numel() * 4  # AdamW keeps two full fp32 moments
+    # bf16 first moment + row and column means + the step count, against AdamW's two fp32 moments (8 bytes each)
+    assert state_bytes == 2 * weight.numel() + 4 * (64 + 48) + 4 < 0.3 * 8 * weight.numel()
     buffer = io.BytesIO()
     torch.save(optimizer.state_dict(), buffer)
     buffer.seek(0)
