@@ -401,12 +401,12 @@ def _pool_row(index: int):
 
 
 def calibration(capability: int = 90) -> dict:
-    """A launch that must spill (GroupNorm apply, 16384-element tile on one warp: 512 fp32 values per thread),
+    """A launch that must spill (GroupNorm apply, 8192-element tile on one warp: 256 fp32 values per thread),
     compiled like the sweep's: shows the measurement sees spills."""
     case = _gn_cases("default")[0]
     launch = next(item for item in record(case) if item.kernel.fn.__name__ == "_apply_kernel")
-    launch.kwargs.update(BLOCK_HW=1024, BLOCK_CG=16, num_warps=1)
-    return {"what": "GroupNorm apply, 1024x16 tile, 1 warp", **compile_row(_job(launch, capability)[1])}
+    launch.kwargs.update(BLOCK_HW=512, BLOCK_CG=16, num_warps=1)
+    return {"what": "GroupNorm apply, 512x16 tile, 1 warp", **compile_row(_job(launch, capability)[1])}
 
 
 def sweep(ops, subset: str, capabilities, out: Path | None, jobs: int = 1, log=print) -> dict:
@@ -427,21 +427,18 @@ def sweep(ops, subset: str, capabilities, out: Path | None, jobs: int = 1, log=p
             cases.append(case)
             keys.append(case_keys)
     order = list(unique)
+    position = {k: i for i, k in enumerate(order)}
     _POOL_JOBS[:] = [unique[k] for k in order]
     log(f"{sum(map(len, keys))} kernel launches in {len(cases)} cases, {len(order)} distinct compiles, "
         f"{jobs} process(es)")
     rows: dict = {}
 
     def publish():
-        first = set()
-        result["cases"] = []
-        for case, case_keys in zip(cases, keys):
-            if all(k in rows for k in case_keys):
-                kernels = []
-                for k in case_keys:
-                    kernels.append(dict(rows[k], cached=k in first))
-                    first.add(k)
-                result["cases"].append({"op": case.op, "case": case.name, "dtype": case.dtype, "kernels": kernels})
+        # one row per distinct compile; a case lists its launches' rows by index (cases share compiles)
+        result["compiles"] = [rows.get(k) for k in order]
+        result["cases"] = [{"op": case.op, "case": case.name, "dtype": case.dtype,
+                            "kernels": [position[k] for k in case_keys]}
+                           for case, case_keys in zip(cases, keys) if all(k in rows for k in case_keys)]
         if out is not None:
             write(result, out)
 
@@ -449,7 +446,7 @@ def sweep(ops, subset: str, capabilities, out: Path | None, jobs: int = 1, log=p
         rows[order[index]] = row
         log(f"[{len(rows):4d}/{len(order)}] {row['kernel']:32s} {row['target']} warps={row['num_warps']} "
             f"{_short(row['constexprs'])} regs={row['regs']:3d} spill={row['spill_bytes']:5d}B {row['compile_s']:.1f}s")
-        if len(rows) % 8 == 0 or len(rows) == len(order):
+        if len(rows) % 16 == 0:
             publish()
 
     if jobs > 1 and len(order) > 1:
@@ -460,41 +457,57 @@ def sweep(ops, subset: str, capabilities, out: Path | None, jobs: int = 1, log=p
         for index in range(len(order)):
             done(*_pool_row(index))
     result["device"] = _add_driver_usage(rows, unique)
-    publish()
     result["calibration"] = calibration(capabilities[-1])
     log(f"calibration (must spill): {result['calibration']['kernel']} {result['calibration']['target']} "
         f"regs={result['calibration']['regs']} spill={result['calibration']['spill_bytes']}B")
+    publish()
     result["summary"] = summary(result)
     if out is not None:
         write(result, out)
     return result
 
 
+def case_rows(result: dict):
+    """(case, compile row) for every launch of every finished case."""
+    return [(c, result["compiles"][i]) for c in result["cases"] for i in c["kernels"]]
+
+
 def spilling(result: dict, dtypes=LOW_PRECISION) -> list[str]:
     """'op dtype case kernel target: N B' for every kernel of a `dtypes` case with local memory."""
     return [f"{c['op']} {c['dtype']} {c['case']} {k['kernel']} {k['target']}: {k['spill_bytes']} B"
-            for c in result["cases"] if c["dtype"] in dtypes for k in c["kernels"] if k["spill_bytes"]]
+            for c, k in case_rows(result) if c["dtype"] in dtypes and k["spill_bytes"]]
 
 
 def summary(result: dict) -> dict:
     per = {}
-    for c in result["cases"]:
-        for k in c["kernels"]:
-            entry = per.setdefault(f"{c['op']}/{k['kernel']}/{c['dtype']}/{k['target']}",
-                                   {"max_regs": 0, "max_spill_bytes": 0, "spilling_cases": 0})
-            entry["max_regs"] = max(entry["max_regs"], k["regs"])
-            entry["max_spill_bytes"] = max(entry["max_spill_bytes"], k["spill_bytes"])
-            entry["spilling_cases"] += bool(k["spill_bytes"])
-    fresh = [k for c in result["cases"] for k in c["kernels"] if not k["cached"]]
-    return {"kernels": per, "low_precision_spills": spilling(result),
-            "fp32_spills": spilling(result, ("float32",)),
-            "compiles": len(fresh), "compile_s_total": round(sum(k["compile_s"] for k in fresh), 1)}
+    for c, k in case_rows(result):
+        entry = per.setdefault(f"{c['op']}/{k['kernel']}/{c['dtype']}/{k['target']}",
+                               {"max_regs": 0, "max_spill_bytes": 0, "spilling_cases": 0})
+        entry["max_regs"] = max(entry["max_regs"], k["regs"])
+        entry["max_spill_bytes"] = max(entry["max_spill_bytes"], k["spill_bytes"])
+        entry["spilling_cases"] += bool(k["spill_bytes"])
+    done = [k for k in result["compiles"] if k is not None]
+    return {"kernels": per, "low_precision_spills": spilling(result), "fp32_spills": spilling(result, ("float32",)),
+            "compiles": len(done), "compile_s_total": round(sum(k["compile_s"] for k in done), 1)}
 
 
 def write(result: dict, out: Path) -> None:
+    """JSON with one line per compile row and per case (the full sweep has ~1000 of each)."""
+    def block(items):
+        return "[\n" + ",\n".join("  " + json.dumps(item) for item in items) + "\n ]"
+
+    def mapping(d, indent):  # one line per key; values one line each (nested mappings: one more level)
+        pad = " " * indent
+        body = ",\n".join(f"{pad} {json.dumps(k)}: " + (mapping(v, indent + 1) if isinstance(v, dict) and
+                                                         indent < 2 else json.dumps(v)) for k, v in d.items())
+        return "{\n" + body + "\n" + pad + "}"
+
+    head = {k: v for k, v in result.items() if k not in ("compiles", "cases")}
+    parts = [f" {json.dumps(k)}: {mapping(v, 1) if isinstance(v, dict) else json.dumps(v)}" for k, v in head.items()]
+    parts += [f" {json.dumps(k)}: {block(result.get(k, []))}" for k in ("compiles", "cases")]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
+    tmp.write_text("{\n" + ",\n".join(parts) + "\n}\n")
     tmp.replace(out)
 
 
