@@ -223,7 +223,8 @@ def distill_loss_cases(device: torch.device, quick: bool) -> list[Case]:
 
 
 # ---- pruned convolution ---------------------------------------------------------------------------------------
-# SD-1.5 resnet convs at 64x64 latents with widths pruned as the width pruner does (20 of 32 norm groups kept):
+# SD-1.5 resnet convs at 64x64 latents with widths pruned as the width pruner does (20 of 32 norm groups kept);
+# the student is physically sliced, so both sides run on the kept widths (the dense ones only name the layer):
 # (name, dense C_in, kept C_in, dense C_out, kept C_out, H, W, k, stride, norm groups of the input)
 PRUNED_CONV = [
     ("conv2 320", 320, 200, 320, 320, 64, 64, 3, 1, 20),    # reads the pruned inner width, writes the block width
@@ -235,7 +236,7 @@ PRUNED_CONV = [
 
 
 def _pc_setup(n, spec, dtype, mode, fused, compile_it):
-    _, c_in, k_in, c_out, k_out, h, w, k, stride, groups = spec
+    _, _, k_in, _, k_out, h, w, k, stride, groups = spec
     padding = k // 2
 
     def setup(device):
@@ -243,13 +244,8 @@ def _pc_setup(n, spec, dtype, mode, fused, compile_it):
 
         g = torch.Generator().manual_seed(0)
         x = torch.randn(n, k_in, h, w, generator=g).to(device, dtype)
-        weight = (torch.randn(c_out, c_in, k, k, generator=g) * (k_in * k * k) ** -0.5).to(device, dtype)
-        bias = torch.randn(c_out, generator=g).to(device, dtype)
-        in_index = torch.randperm(c_in, generator=g)[:k_in].sort().values.to(device)
-        out_index = torch.randperm(c_out, generator=g)[:k_out].sort().values.to(device)
-        # the baseline's conv of the same pruned shape: a materialised pruned copy (made once, not timed)
-        w_kept = weight[out_index][:, in_index].contiguous()
-        b_kept = bias[out_index].contiguous()
+        weight = (torch.randn(k_out, k_in, k, k, generator=g) * (k_in * k * k) ** -0.5).to(device, dtype)
+        bias = torch.randn(k_out, generator=g).to(device, dtype)
         gamma = torch.randn(k_in, generator=g).to(device, dtype)
         beta = torch.randn(k_in, generator=g).to(device, dtype)
         ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
@@ -257,42 +253,39 @@ def _pc_setup(n, spec, dtype, mode, fused, compile_it):
         residual = torch.randn(n, k_out, ho, wo, generator=g).to(device, dtype)
         dy = torch.randn(n, k_out, ho, wo, generator=g).to(device, dtype)
         backward = mode == "forward+backward"
-        leaves = [x, w_kept, b_kept, weight, bias] + ([gamma, beta] if fused else [])
+        leaves = [x, weight, bias] + ([gamma, beta] if fused else [])
         for t in leaves:
             t.requires_grad_(backward)
 
         if fused:  # diffusers: norm -> SiLU -> conv -> + time embedding -> + shortcut
             def eager(t):
                 a = F.silu(F.group_norm(t, groups, gamma, beta, 1e-5))
-                return F.conv2d(a, w_kept, b_kept, stride, padding) + temb[:, :, None, None] + residual
+                return F.conv2d(a, weight, bias, stride, padding) + temb[:, :, None, None] + residual
 
             def ours(t, backend):
                 scale, shift = groupnorm_scale_shift(t, groups, gamma, beta, 1e-5)
-                return pruned_conv(t, weight, bias, in_index, out_index, stride=stride, padding=padding,
-                                   norm_scale=scale, norm_shift=shift, temb_bias=temb, residual=residual,
-                                   backend=backend)
-            eager_inputs = [x, w_kept, b_kept, gamma, beta]
-            our_inputs = [x, weight, bias, gamma, beta]
+                return pruned_conv(t, weight, bias, stride=stride, padding=padding, norm_scale=scale,
+                                   norm_shift=shift, temb_bias=temb, residual=residual, backend=backend)
+            inputs = [x, weight, bias, gamma, beta]
         else:
             def eager(t):
-                return F.conv2d(t, w_kept, b_kept, stride, padding)
+                return F.conv2d(t, weight, bias, stride, padding)
 
             def ours(t, backend):
-                return pruned_conv(t, weight, bias, in_index, out_index, stride=stride, padding=padding,
-                                   backend=backend)
-            eager_inputs, our_inputs = [x, w_kept, b_kept], [x, weight, bias]
+                return pruned_conv(t, weight, bias, stride=stride, padding=padding, backend=backend)
+            inputs = [x, weight, bias]
 
         def wrap(fn, inputs):
             if not backward:
                 return lambda: fn(x)
             return lambda: torch.autograd.grad(fn(x), inputs, dy)
 
-        providers = {"torch_eager": wrap(eager, eager_inputs)}
+        providers = {"torch_eager": wrap(eager, inputs)}
         if compile_it:
-            providers["torch_compile"] = wrap(torch.compile(eager, fullgraph=True, dynamic=False), eager_inputs)
+            providers["torch_compile"] = wrap(torch.compile(eager, fullgraph=True, dynamic=False), inputs)
         for backend in _our_backends(device):
             if not _available("pruned_conv", backend, x, weight):
-                providers[backend] = wrap(lambda t, b=backend: ours(t, b), our_inputs)
+                providers[backend] = wrap(lambda t, b=backend: ours(t, b), inputs)
         return providers
     return setup
 

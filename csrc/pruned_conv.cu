@@ -1,16 +1,16 @@
 // Pruned convolution CUDA kernels (see pruned_conv.cuh for the op and the launcher contract).
 //
-// One implicit-GEMM kernel template serves the three products, each a GEMM whose operand tiles are gathered on
-// the fly (nothing is materialised: no im2col buffer, no pruned weight copy):
-//   forward      out[pixel, o]   = sum_{tap, c} act[pixel + tap, c] * W[out_index[o], in_index[c], tap]
-//   grad_input   dact[pixel, c]  = sum_{tap, o} g[(pixel + pad - tap) / stride, o] * W[out_index[o], in_index[c], tap]
+// One implicit-GEMM kernel template serves the three products, each a GEMM whose operand tiles are loaded on
+// the fly (nothing is materialised: no im2col buffer):
+//   forward      out[pixel, o]   = sum_{tap, c} act[pixel + tap, c] * W[o, c, tap]
+//   grad_input   dact[pixel, c]  = sum_{tap, o} g[(pixel + pad - tap) / stride, o] * W[o, c, tap]
 //   grad_weight  dW[o, c] (tap)  = sum_{pixels} g[pixel, o] * act[pixel*stride + tap - pad, c]
 // act is the (optionally GroupNorm-apply + SiLU'd) input, zero in the padding. Tiles are BM x BN with a BK-deep
 // reduction step staged in shared memory; the math is WMMA tensor-core fragments (fp16/bf16, TF32 for fp32 when
 // allowed; sm_80+) or exact fp32 FMAs. Epilogues: forward adds bias/time-embedding/residual and scales;
 // grad_input applies the prologue's backward and reduces the scale/shift gradients per (sample, channel) in
-// shared memory before one atomic per column; grad_weight scatters into the dense fp32 gradient (atomically when
-// the pixel reduction is split across blocks).
+// shared memory before one atomic per column; grad_weight writes the fp32 gradient (atomically when the pixel
+// reduction is split across blocks).
 #include "pruned_conv.cuh"
 
 #include <cuda_bf16.h>
@@ -52,20 +52,18 @@ __device__ __forceinline__ void fill(S* tile, int ld, F&& f) {
   }
 }
 
-// act[n, c, hi, wi] of the conv input: x's kept channel c with the prologue applied; 0 outside the image
+// act[n, c, hi, wi] of the conv input: x's channel c with the prologue applied; 0 outside the image
 template <typename T>
 __device__ __forceinline__ float load_act(const Params& p, int n, int c, int hi, int wi) {
   if (hi < 0 || hi >= p.H || wi < 0 || wi >= p.W) return 0.f;
-  const int64_t chan = p.gather_input ? p.in_index[c] : c;
-  float v = to_f(static_cast<const T*>(p.x)[n * p.sx[0] + chan * p.sx[1] + hi * p.sx[2] + wi * p.sx[3]]);
-  if (p.scale != nullptr) v = silu(v * p.scale[n * p.K_in + c] + p.shift[n * p.K_in + c]);
+  float v = to_f(static_cast<const T*>(p.x)[n * p.sx[0] + c * p.sx[1] + hi * p.sx[2] + wi * p.sx[3]]);
+  if (p.scale != nullptr) v = silu(v * p.scale[n * p.C_in + c] + p.shift[n * p.C_in + c]);
   return v;
 }
 
 template <typename T>
 __device__ __forceinline__ float load_weight(const Params& p, int o, int c, int tap) {
-  const int64_t row = p.out_index[o], col = p.in_index[c];
-  return to_f(static_cast<const T*>(p.weight)[(row * p.C_in + col) * (p.k * p.k) + tap]);
+  return to_f(static_cast<const T*>(p.weight)[(static_cast<int64_t>(o) * p.C_in + c) * (p.k * p.k) + tap]);
 }
 
 template <typename T>
@@ -175,20 +173,20 @@ __device__ __forceinline__ void conv_gemm_body(const Params& p, int64_t pix_per_
   Tile tile;
   tile.init();
   if constexpr (MODE == Mode::kForward) {
-    // rows: output pixels of sample n; columns: kept output channels; reduction: (tap, kept input channel)
+    // rows: output pixels of sample n; columns: output channels; reduction: (tap, input channel)
     const int n = blockIdx.z, hw = p.Ho * p.Wo;
     for (int t = 0; t < taps; ++t) {
       const int kh = t / p.k, kw = t % p.k;
-      for (int c0 = 0; c0 < p.K_in; c0 += BK) {
+      for (int c0 = 0; c0 < p.C_in; c0 += BK) {
         fill<S, BM, BK, true>(As, LDA, [&](int m, int kk) {
           const int pix = m0 + m, c = c0 + kk;
-          if (pix >= hw || c >= p.K_in) return 0.f;
+          if (pix >= hw || c >= p.C_in) return 0.f;
           const int ho = pix / p.Wo, wo = pix % p.Wo;
           return load_act<T>(p, n, c, ho * p.stride + kh - p.padding, wo * p.stride + kw - p.padding);
         });
         fill<S, BK, BN, true>(Bs, LDB, [&](int kk, int j) {
           const int c = c0 + kk, o = j0 + j;
-          return (c < p.K_in && o < p.K_out) ? load_weight<T>(p, o, c, t) : 0.f;
+          return (c < p.C_in && o < p.C_out) ? load_weight<T>(p, o, c, t) : 0.f;
         });
         __syncthreads();
         tile.step(As, Bs);
@@ -196,14 +194,14 @@ __device__ __forceinline__ void conv_gemm_body(const Params& p, int64_t pix_per_
       }
     }
   } else if constexpr (MODE == Mode::kGradInput) {
-    // rows: input pixels of sample n; columns: kept input channels; reduction: (tap, kept output channel)
+    // rows: input pixels of sample n; columns: input channels; reduction: (tap, output channel)
     const int n = blockIdx.z, hw = p.H * p.W;
     for (int t = 0; t < taps; ++t) {
       const int kh = t / p.k, kw = t % p.k;
-      for (int o0 = 0; o0 < p.K_out; o0 += BK) {
+      for (int o0 = 0; o0 < p.C_out; o0 += BK) {
         fill<S, BM, BK, true>(As, LDA, [&](int m, int kk) {
           const int pix = m0 + m, o = o0 + kk;
-          if (pix >= hw || o >= p.K_out) return 0.f;
+          if (pix >= hw || o >= p.C_out) return 0.f;
           const int eh = pix / p.W + p.padding - kh, ew = pix % p.W + p.padding - kw;
           if (eh < 0 || ew < 0 || eh % p.stride || ew % p.stride) return 0.f;
           const int ho = eh / p.stride, wo = ew / p.stride;
@@ -211,7 +209,7 @@ __device__ __forceinline__ void conv_gemm_body(const Params& p, int64_t pix_per_
         });
         fill<S, BK, BN, true>(Bs, LDB, [&](int kk, int j) {
           const int o = o0 + kk, c = j0 + j;
-          return (o < p.K_out && c < p.K_in) ? load_weight<T>(p, o, c, t) : 0.f;
+          return (o < p.C_out && c < p.C_in) ? load_weight<T>(p, o, c, t) : 0.f;
         });
         __syncthreads();
         tile.step(As, Bs);
@@ -219,7 +217,7 @@ __device__ __forceinline__ void conv_gemm_body(const Params& p, int64_t pix_per_
       }
     }
   } else {
-    // rows: kept output channels; columns: kept input channels; reduction: this split's pixels (all samples)
+    // rows: output channels; columns: input channels; reduction: this split's pixels (all samples)
     const int splits_taps = blockIdx.z, t = splits_taps % taps, split = splits_taps / taps;
     const int kh = t / p.k, kw = t % p.k;
     const int64_t hw = static_cast<int64_t>(p.Ho) * p.Wo, total = p.N * hw;
@@ -229,14 +227,14 @@ __device__ __forceinline__ void conv_gemm_body(const Params& p, int64_t pix_per_
       fill<S, BM, BK, false>(As, LDA, [&](int m, int kk) {
         const int o = m0 + m;
         const int64_t q = q0 + kk;
-        if (o >= p.K_out || q >= stop) return 0.f;
+        if (o >= p.C_out || q >= stop) return 0.f;
         const int n = static_cast<int>(q / hw), r = static_cast<int>(q % hw);
         return load_grad<T>(p, n, o, r / p.Wo, r % p.Wo);
       });
       fill<S, BK, BN, true>(Bs, LDB, [&](int kk, int j) {
         const int c = j0 + j;
         const int64_t q = q0 + kk;
-        if (c >= p.K_in || q >= stop) return 0.f;
+        if (c >= p.C_in || q >= stop) return 0.f;
         const int n = static_cast<int>(q / hw), r = static_cast<int>(q % hw);
         const int ho = r / p.Wo, wo = r % p.Wo;
         return load_act<T>(p, n, c, ho * p.stride + kh - p.padding, wo * p.stride + kw - p.padding);
@@ -256,11 +254,11 @@ __device__ __forceinline__ void conv_gemm_body(const Params& p, int64_t pix_per_
     for (int idx = tid; idx < BM * BN; idx += THREADS) {
       const int m = idx % BM, j = idx / BM, o = j0 + j;
       const int64_t pix = m0 + m;
-      if (pix >= hw || o >= p.K_out) continue;
+      if (pix >= hw || o >= p.C_out) continue;
       float v = Cs[m * LDC + j];
-      if (p.bias != nullptr) v += to_f(static_cast<const T*>(p.bias)[p.out_index[o]]);
-      if (p.temb != nullptr) v += to_f(static_cast<const T*>(p.temb)[static_cast<int64_t>(n) * p.K_out + o]);
-      const int64_t off = (static_cast<int64_t>(n) * p.K_out + o) * hw + pix;
+      if (p.bias != nullptr) v += to_f(static_cast<const T*>(p.bias)[o]);
+      if (p.temb != nullptr) v += to_f(static_cast<const T*>(p.temb)[static_cast<int64_t>(n) * p.C_out + o]);
+      const int64_t off = (static_cast<int64_t>(n) * p.C_out + o) * hw + pix;
       if (p.residual != nullptr) v += to_f(static_cast<const T*>(p.residual)[off]);
       static_cast<T*>(p.out)[off] = from_f<T>(v * p.out_scale);
     }
@@ -269,15 +267,14 @@ __device__ __forceinline__ void conv_gemm_body(const Params& p, int64_t pix_per_
     const bool prologue = p.scale != nullptr;
     for (int idx = tid; idx < BM * BN; idx += THREADS) {
       const int m = idx % BM, j = idx / BM, pix = m0 + m, c = j0 + j;
-      if (pix >= hw || c >= p.K_in) continue;
+      if (pix >= hw || c >= p.C_in) continue;
       const int h = pix / p.W, w = pix % p.W;
-      const int64_t chan = p.gather_input ? p.in_index[c] : c;
-      const int64_t off = n * p.sx[0] + chan * p.sx[1] + h * p.sx[2] + w * p.sx[3];
+      const int64_t off = n * p.sx[0] + c * p.sx[1] + h * p.sx[2] + w * p.sx[3];
       float v = Cs[m * LDC + j] * p.out_scale;
       if (prologue) {  // a = silu(z), z = x * scale + shift
         const float xv = to_f(static_cast<const T*>(p.x)[off]);
-        const float sc = p.scale[n * p.K_in + c];
-        const float z = xv * sc + p.shift[n * p.K_in + c];
+        const float sc = p.scale[n * p.C_in + c];
+        const float z = xv * sc + p.shift[n * p.C_in + c];
         const float sig = 1.f / (1.f + __expf(-z));
         const float dz = v * sig * (1.f + z * (1.f - sig));
         atomicAdd(&colsum_xd[j], dz * xv);
@@ -288,9 +285,9 @@ __device__ __forceinline__ void conv_gemm_body(const Params& p, int64_t pix_per_
     }
     if (prologue) {
       __syncthreads();
-      if (tid < BN && j0 + tid < p.K_in) {
-        atomicAdd(&p.grad_scale[n * p.K_in + j0 + tid], colsum_xd[tid]);
-        atomicAdd(&p.grad_shift[n * p.K_in + j0 + tid], colsum_d[tid]);
+      if (tid < BN && j0 + tid < p.C_in) {
+        atomicAdd(&p.grad_scale[n * p.C_in + j0 + tid], colsum_xd[tid]);
+        atomicAdd(&p.grad_shift[n * p.C_in + j0 + tid], colsum_d[tid]);
       }
     }
   } else {
@@ -298,8 +295,8 @@ __device__ __forceinline__ void conv_gemm_body(const Params& p, int64_t pix_per_
     const bool split = gridDim.z > static_cast<unsigned>(taps);
     for (int idx = tid; idx < BM * BN; idx += THREADS) {
       const int j = idx % BN, m = idx / BN, o = m0 + m, c = j0 + j;
-      if (o >= p.K_out || c >= p.K_in) continue;
-      float* dst = p.grad_weight + (p.out_index[o] * p.C_in + p.in_index[c]) * taps + t;
+      if (o >= p.C_out || c >= p.C_in) continue;
+      float* dst = p.grad_weight + (static_cast<int64_t>(o) * p.C_in + c) * taps + t;
       const float v = Cs[m * LDC + j] * p.out_scale;
       if (split) atomicAdd(dst, v);
       else *dst = v;
@@ -355,18 +352,18 @@ unsigned blocks(int64_t n, int b) { return static_cast<unsigned>((n + b - 1) / b
 }  // namespace
 
 cudaError_t forward(const Params& p, DType dtype, bool allow_tf32, cudaStream_t stream) {
-  const dim3 grid(blocks(static_cast<int64_t>(p.Ho) * p.Wo, BM), blocks(p.K_out, BN), p.N);
+  const dim3 grid(blocks(static_cast<int64_t>(p.Ho) * p.Wo, BM), blocks(p.C_out, BN), p.N);
   return launch<Mode::kForward>(p, dtype, allow_tf32, grid, 0, stream);
 }
 
 cudaError_t grad_input(const Params& p, DType dtype, bool allow_tf32, cudaStream_t stream) {
-  const dim3 grid(blocks(static_cast<int64_t>(p.H) * p.W, BM), blocks(p.K_in, BN), p.N);
+  const dim3 grid(blocks(static_cast<int64_t>(p.H) * p.W, BM), blocks(p.C_in, BN), p.N);
   return launch<Mode::kGradInput>(p, dtype, allow_tf32, grid, 0, stream);
 }
 
 cudaError_t grad_weight(const Params& p, DType dtype, bool allow_tf32, int sm_count, cudaStream_t stream) {
   const int64_t taps = static_cast<int64_t>(p.k) * p.k;
-  const int64_t tiles = static_cast<int64_t>(blocks(p.K_out, BM)) * blocks(p.K_in, BN) * taps;
+  const int64_t tiles = static_cast<int64_t>(blocks(p.C_out, BM)) * blocks(p.C_in, BN) * taps;
   const int64_t total = static_cast<int64_t>(p.N) * p.Ho * p.Wo;
   // split the pixel reduction until about four blocks per SM exist, keeping >= 1024 pixels per split
   int64_t splits = (4 * static_cast<int64_t>(sm_count > 0 ? sm_count : 1) + tiles - 1) / tiles;
@@ -380,7 +377,7 @@ cudaError_t grad_weight(const Params& p, DType dtype, bool allow_tf32, int sm_co
     per_split = ((total + splits - 1) / splits + BK - 1) / BK * BK;
     splits = (total + per_split - 1) / per_split;
   }
-  const dim3 grid(blocks(p.K_out, BM), blocks(p.K_in, BN), static_cast<unsigned>(taps * splits));
+  const dim3 grid(blocks(p.C_out, BM), blocks(p.C_in, BN), static_cast<unsigned>(taps * splits));
   return launch<Mode::kGradWeight>(p, dtype, allow_tf32, grid, per_split, stream);
 }
 

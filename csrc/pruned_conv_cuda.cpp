@@ -32,11 +32,11 @@ const P* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<P>()
 
 struct Prepared {
   Params p;
-  at::Tensor x, weight, in_index, out_index, scale, shift;  // keep the converted tensors alive
+  at::Tensor x, weight, scale, shift;  // keep the converted tensors alive
 };
 
-Prepared prepare(const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& in_index_,
-                 const at::Tensor& out_index_, int64_t stride, int64_t padding, bool gather_input,
+// Shape checks only: everything here reads sizes and strides, never tensor values, so no call waits on the GPU.
+Prepared prepare(const at::Tensor& x_, const at::Tensor& weight_, int64_t stride, int64_t padding,
                  const std::optional<at::Tensor>& norm_scale, const std::optional<at::Tensor>& norm_shift,
                  double out_scale) {
   SAFEPRUNE_CHECK_DEVICE(x_, at::kCUDA);
@@ -49,41 +49,28 @@ Prepared prepare(const at::Tensor& x_, const at::Tensor& weight_, const at::Tens
   Prepared r;
   r.x = dense_layout(x_);
   r.weight = weight_.contiguous();
-  r.in_index = in_index_.to(x_.device(), at::kLong).contiguous();
-  r.out_index = out_index_.to(x_.device(), at::kLong).contiguous();
   r.scale = optional_as(norm_scale, at::kFloat);
   r.shift = optional_as(norm_shift, at::kFloat);
   Params& p = r.p;
-  p.N = x_.size(0); p.C_x = x_.size(1); p.H = x_.size(2); p.W = x_.size(3);
+  p.N = x_.size(0); p.H = x_.size(2); p.W = x_.size(3);
   p.C_out = weight_.size(0); p.C_in = weight_.size(1); p.k = weight_.size(2);
-  p.K_in = r.in_index.numel(); p.K_out = r.out_index.numel();
   p.stride = stride; p.padding = padding;
   p.Ho = (p.H + 2 * padding - p.k) / stride + 1;
   p.Wo = (p.W + 2 * padding - p.k) / stride + 1;
   TORCH_CHECK(p.Ho > 0 && p.Wo > 0, "pruned_conv: the input is smaller than the kernel");
-  TORCH_CHECK(p.C_x == (gather_input ? p.C_in : p.K_in), "pruned_conv: x has ", p.C_x, " channels, expected ",
-              gather_input ? p.C_in : p.K_in, gather_input ? " (dense input)" : " (kept input channels)");
+  TORCH_CHECK(x_.size(1) == p.C_in, "pruned_conv: x has ", x_.size(1), " channels, the weight reads ", p.C_in);
   TORCH_CHECK(r.scale.defined() == r.shift.defined(), "pruned_conv: norm_scale and norm_shift go together");
-  if (r.scale.defined())
-    TORCH_CHECK(r.scale.numel() == p.N * p.K_in && r.shift.numel() == p.N * p.K_in,
-                "pruned_conv: norm_scale/norm_shift must be [N, K_in]");
-  // index ranges: one small device->host copy each, cheaper than a wrong gather
-  if (p.K_in > 0) {
-    const auto [lo, hi] = at::aminmax(r.in_index);
-    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < p.C_in, "pruned_conv: in_index out of range [0, ", p.C_in, ")");
-  }
-  if (p.K_out > 0) {
-    const auto [lo, hi] = at::aminmax(r.out_index);
-    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < p.C_out, "pruned_conv: out_index out of range [0, ", p.C_out, ")");
+  if (r.scale.defined()) {
+    SAFEPRUNE_CHECK_SAME_DEVICE(x_, r.scale);
+    SAFEPRUNE_CHECK_SAME_DEVICE(x_, r.shift);
+    TORCH_CHECK(r.scale.numel() == p.N * p.C_in && r.shift.numel() == p.N * p.C_in,
+                "pruned_conv: norm_scale/norm_shift must be [N, C_in]");
   }
   p.x = r.x.data_ptr();
   p.weight = r.weight.data_ptr();
-  p.in_index = r.in_index.data_ptr<int64_t>();
-  p.out_index = r.out_index.data_ptr<int64_t>();
   p.scale = ptr_or_null<float>(r.scale);
   p.shift = ptr_or_null<float>(r.shift);
   for (int d = 0; d < 4; ++d) p.sx[d] = r.x.stride(d);
-  p.gather_input = gather_input;
   p.out_scale = static_cast<float>(out_scale);
   return r;
 }
@@ -95,21 +82,28 @@ void check_launch(cudaError_t err, const char* what) {
 bool allow_tf32() { return at::globalContext().allowTF32CuDNN(); }
 
 at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                        const at::Tensor& in_index, const at::Tensor& out_index, int64_t stride, int64_t padding,
-                        bool gather_input, const std::optional<at::Tensor>& norm_scale,
+                        int64_t stride, int64_t padding, const std::optional<at::Tensor>& norm_scale,
                         const std::optional<at::Tensor>& norm_shift, const std::optional<at::Tensor>& temb_bias,
                         const std::optional<at::Tensor>& residual, double out_scale) {
   const c10::cuda::CUDAGuard guard(x.device());
-  Prepared r = prepare(x, weight, in_index, out_index, stride, padding, gather_input, norm_scale, norm_shift, out_scale);
+  Prepared r = prepare(x, weight, stride, padding, norm_scale, norm_shift, out_scale);
   Params& p = r.p;
   const at::Tensor b = optional_as(bias, x.scalar_type());
-  if (b.defined()) TORCH_CHECK(b.numel() == p.C_out, "pruned_conv: bias must have C_out = ", p.C_out, " entries");
+  if (b.defined()) {
+    SAFEPRUNE_CHECK_SAME_DEVICE(x, b);
+    TORCH_CHECK(b.numel() == p.C_out, "pruned_conv: bias must have C_out = ", p.C_out, " entries");
+  }
   const at::Tensor temb = optional_as(temb_bias, x.scalar_type());
-  if (temb.defined()) TORCH_CHECK(temb.numel() == int64_t(p.N) * p.K_out, "pruned_conv: temb_bias must be [N, K_out]");
+  if (temb.defined()) {
+    SAFEPRUNE_CHECK_SAME_DEVICE(x, temb);
+    TORCH_CHECK(temb.numel() == int64_t(p.N) * p.C_out, "pruned_conv: temb_bias must be [N, C_out]");
+  }
   const at::Tensor res = optional_as(residual, x.scalar_type());
-  if (res.defined())
-    TORCH_CHECK(res.sizes() == at::IntArrayRef({p.N, p.K_out, p.Ho, p.Wo}), "pruned_conv: residual must have the output's shape");
-  at::Tensor out = at::empty({p.N, p.K_out, p.Ho, p.Wo}, x.options());
+  if (res.defined()) {
+    SAFEPRUNE_CHECK_SAME_DEVICE(x, res);
+    TORCH_CHECK(res.sizes() == at::IntArrayRef({p.N, p.C_out, p.Ho, p.Wo}), "pruned_conv: residual must have the output's shape");
+  }
+  at::Tensor out = at::empty({p.N, p.C_out, p.Ho, p.Wo}, x.options());
   p.bias = b.defined() ? b.data_ptr() : nullptr;
   p.temb = temb.defined() ? temb.data_ptr() : nullptr;
   p.residual = res.defined() ? res.data_ptr() : nullptr;
@@ -118,21 +112,27 @@ at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& weight, const std
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_input_cuda(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& in_index,
-    const at::Tensor& out_index, int64_t stride, int64_t padding, bool gather_input,
-    const std::optional<at::Tensor>& norm_scale, const std::optional<at::Tensor>& norm_shift, double out_scale) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  Prepared r = prepare(x, weight, in_index, out_index, stride, padding, gather_input, norm_scale, norm_shift, out_scale);
-  Params& p = r.p;
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({p.N, p.K_out, p.Ho, p.Wo}), "pruned_conv: grad_out shape");
-  const at::Tensor g = dense_layout(grad_out.to(x.scalar_type()));
+// grad_out in x's dtype and a dense layout, on x's device (a same-device dtype conversion: queued, not waited on)
+at::Tensor prepared_grad(const at::Tensor& grad_out, const at::Tensor& x, Params& p) {
+  SAFEPRUNE_CHECK_SAME_DEVICE(x, grad_out);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({p.N, p.C_out, p.Ho, p.Wo}), "pruned_conv: grad_out shape");
+  at::Tensor g = dense_layout(grad_out.to(x.scalar_type()));
   for (int d = 0; d < 4; ++d) p.sg[d] = g.stride(d);
   p.grad_out = g.data_ptr();
-  // grad_x has x's strides (the kernel writes through sx); unread channels of a dense input stay zero
-  at::Tensor grad_x = gather_input ? at::zeros_like(r.x) : at::empty_like(r.x);
+  return g;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_input_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding,
+    const std::optional<at::Tensor>& norm_scale, const std::optional<at::Tensor>& norm_shift, double out_scale) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  Prepared r = prepare(x, weight, stride, padding, norm_scale, norm_shift, out_scale);
+  Params& p = r.p;
+  const at::Tensor g = prepared_grad(grad_out, x, p);
+  // grad_x has x's strides (the kernel writes through sx)
+  at::Tensor grad_x = at::empty_like(r.x);
   const bool prologue = r.scale.defined();
-  at::Tensor grad_scale = at::zeros({prologue ? p.N : 0, prologue ? p.K_in : 0}, x.options().dtype(at::kFloat));
+  at::Tensor grad_scale = at::zeros({prologue ? p.N : 0, prologue ? p.C_in : 0}, x.options().dtype(at::kFloat));
   at::Tensor grad_shift = at::zeros_like(grad_scale);
   p.grad_x = grad_x.data_ptr();
   p.grad_scale = prologue ? grad_scale.data_ptr<float>() : nullptr;
@@ -145,19 +145,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_input_cuda(
   return {grad_x, grad_scale, grad_shift};
 }
 
-at::Tensor grad_weight_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-                            const at::Tensor& in_index, const at::Tensor& out_index, int64_t stride,
-                            int64_t padding, bool gather_input, const std::optional<at::Tensor>& norm_scale,
+at::Tensor grad_weight_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+                            int64_t padding, const std::optional<at::Tensor>& norm_scale,
                             const std::optional<at::Tensor>& norm_shift, double out_scale) {
   const c10::cuda::CUDAGuard guard(x.device());
-  Prepared r = prepare(x, weight, in_index, out_index, stride, padding, gather_input, norm_scale, norm_shift, out_scale);
+  Prepared r = prepare(x, weight, stride, padding, norm_scale, norm_shift, out_scale);
   Params& p = r.p;
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({p.N, p.K_out, p.Ho, p.Wo}), "pruned_conv: grad_out shape");
-  const at::Tensor g = dense_layout(grad_out.to(x.scalar_type()));
-  for (int d = 0; d < 4; ++d) p.sg[d] = g.stride(d);
-  p.grad_out = g.data_ptr();
+  const at::Tensor g = prepared_grad(grad_out, x, p);
   at::Tensor grad_w32 = at::zeros(weight.sizes(), weight.options().dtype(at::kFloat));
   p.grad_weight = grad_w32.data_ptr<float>();
+  // the SM count is a host-side attribute query (cached by the runtime), not a synchronisation
   int sms = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index());
   check_launch(pruned_conv_cuda::grad_weight(p, dtype_of(x), allow_tf32(), sms, c10::cuda::getCurrentCUDAStream()),

@@ -1,13 +1,11 @@
 """Triton kernels of the pruned convolution (definition: ``safeprune_engine.ops.pruned_conv.pruned_conv_reference``).
 
-Implicit GEMM: no im2col buffer and no pruned weight copy. Every tile of the activation operand is gathered
-straight from ``x`` (kept channels through ``in_index``, the k*k taps as shifted, masked loads, the optional
-GroupNorm-apply + SiLU prologue applied in registers), and every weight tile straight from the dense weight
-(rows ``out_index``, columns ``in_index``). Plain launchers, no autograd (ops/pruned_conv.py owns that).
+Implicit GEMM: no im2col buffer. Every tile of the activation operand is loaded straight from ``x`` (the k*k
+taps as shifted, masked loads, the optional GroupNorm-apply + SiLU prologue applied in registers), and every
+weight tile straight from the weight. Plain launchers, no autograd (ops/pruned_conv.py owns that).
 
-Shapes: ``x [N, C_x, H, W]`` with ``C_x = C_in`` (dense input, ``gather_input``) or ``K_in`` (kept channels);
-``weight [C_out, C_in, k, k]``; ``in_index [K_in]``, ``out_index [K_out]`` (int32/int64); output
-``[N, K_out, Ho, Wo]``. Any strides for ``x``/``grad_out``; ``weight`` contiguous.
+Shapes: ``x [N, C_in, H, W]``; ``weight [C_out, C_in, k, k]``; output ``[N, C_out, Ho, Wo]``. Any strides for
+``x``/``grad_out``; ``weight`` contiguous.
 
 Precision: operands go to ``tl.dot`` in the input dtype on a GPU (fp32 accumulate; fp32 inputs use TF32 exactly
 when torch allows it for cuDNN convs, ``torch.backends.cudnn.allow_tf32``), and as fp32 under the interpreter,
@@ -30,23 +28,19 @@ def _silu(z):
 
 
 @triton.jit
-def _load_act(x_ptr, scale_ptr, shift_ptr, in_idx_ptr, n, hi, wi, c, row_ok, c_ok,
-              sxn, sxc, sxh, sxw, H, W, K_in,
-              GATHER: tl.constexpr, PROLOGUE: tl.constexpr):
-    """Activation tile [BM, BC] at input positions (hi, wi) [BM] of samples n [BM], kept channels c [BC], fp32.
+def _load_act(x_ptr, scale_ptr, shift_ptr, n, hi, wi, c, row_ok, c_ok,
+              sxn, sxc, sxh, sxw, H, W, C_in,
+              PROLOGUE: tl.constexpr):
+    """Activation tile [BM, BC] at input positions (hi, wi) [BM] of samples n [BM], channels c [BC], fp32.
 
     Out-of-image positions read 0 (the conv zero-pads its input, which is the activation, after the prologue).
     """
     inside = row_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
     mask = inside[:, None] & c_ok[None, :]
-    if GATHER:
-        chan = tl.load(in_idx_ptr + c, mask=c_ok, other=0).to(tl.int64)
-    else:
-        chan = c.to(tl.int64)
-    offs = (n.to(tl.int64) * sxn + hi * sxh + wi * sxw)[:, None] + (chan * sxc)[None, :]
+    offs = (n.to(tl.int64) * sxn + hi * sxh + wi * sxw)[:, None] + (c.to(tl.int64) * sxc)[None, :]
     a = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if PROLOGUE:
-        nc = n[:, None] * K_in + c[None, :]
+        nc = n[:, None] * C_in + c[None, :]
         sc = tl.load(scale_ptr + nc, mask=mask, other=0.0)
         sh = tl.load(shift_ptr + nc, mask=mask, other=0.0)
         a = tl.where(mask, _silu(a * sc + sh), 0.0)
@@ -56,19 +50,17 @@ def _load_act(x_ptr, scale_ptr, shift_ptr, in_idx_ptr, n, hi, wi, c, row_ok, c_o
 @triton.jit
 def _pruned_conv_fwd_kernel(
     x_ptr,          # [N, C_x, H, W], strides sx*
-    w_ptr,          # [C_out, C_in, KS, KS] contiguous (dense)
-    in_idx_ptr,     # [K_in]
-    out_idx_ptr,    # [K_out]
-    scale_ptr,      # [N, K_in] fp32 (PROLOGUE)
-    shift_ptr,      # [N, K_in] fp32 (PROLOGUE)
-    bias_ptr,       # [C_out] dense (HAS_BIAS)
-    temb_ptr,       # [N, K_out] (HAS_TEMB)
-    res_ptr,        # [N, K_out, Ho, Wo] contiguous (HAS_RES)
-    out_ptr,        # [N, K_out, Ho, Wo] contiguous
+    w_ptr,          # [C_out, C_in, KS, KS] contiguous
+    scale_ptr,      # [N, C_in] fp32 (PROLOGUE)
+    shift_ptr,      # [N, C_in] fp32 (PROLOGUE)
+    bias_ptr,       # [C_out] (HAS_BIAS)
+    temb_ptr,       # [N, C_out] (HAS_TEMB)
+    res_ptr,        # [N, C_out, Ho, Wo] contiguous (HAS_RES)
+    out_ptr,        # [N, C_out, Ho, Wo] contiguous
     sxn, sxc, sxh, sxw,
-    H, W, Ho, Wo, C_in, K_in, K_out, out_scale,
+    H, W, Ho, Wo, C_in, C_out, out_scale,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KS: tl.constexpr,
-    GATHER: tl.constexpr, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TEMB: tl.constexpr,
+    PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TEMB: tl.constexpr,
     HAS_RES: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
@@ -79,20 +71,19 @@ def _pruned_conv_fwd_kernel(
     ho, wo = pix // Wo, pix % Wo
     n = tl.zeros([BM], dtype=tl.int32) + n0
     o = pid_n * BN + tl.arange(0, BN)
-    o_ok = o < K_out
-    orow = tl.load(out_idx_ptr + o, mask=o_ok, other=0).to(tl.int64)
+    o_ok = o < C_out
+    orow = o.to(tl.int64)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for kh in tl.static_range(KS):
         for kw in tl.static_range(KS):
             hi = ho * STRIDE + kh - PAD
             wi = wo * STRIDE + kw - PAD
-            for c0 in range(0, K_in, BK):
+            for c0 in range(0, C_in, BK):
                 c = c0 + tl.arange(0, BK)
-                c_ok = c < K_in
-                a = _load_act(x_ptr, scale_ptr, shift_ptr, in_idx_ptr, n, hi, wi, c, row_ok, c_ok,
-                              sxn, sxc, sxh, sxw, H, W, K_in, GATHER, PROLOGUE)
-                col = tl.load(in_idx_ptr + c, mask=c_ok, other=0).to(tl.int64)
-                w_offs = (orow[None, :] * C_in + col[:, None]) * (KS * KS) + (kh * KS + kw)
+                c_ok = c < C_in
+                a = _load_act(x_ptr, scale_ptr, shift_ptr, n, hi, wi, c, row_ok, c_ok,
+                              sxn, sxc, sxh, sxw, H, W, C_in, PROLOGUE)
+                w_offs = (orow[None, :] * C_in + c[:, None]) * (KS * KS) + (kh * KS + kw)
                 b = tl.load(w_ptr + w_offs, mask=c_ok[:, None] & o_ok[None, :], other=0.0)
                 if IEEE:
                     acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision="ieee")
@@ -101,8 +92,8 @@ def _pruned_conv_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + orow, mask=o_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_TEMB:
-        acc += tl.load(temb_ptr + n0 * K_out + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
-    out_offs = (n0.to(tl.int64) * K_out + o[None, :]) * (Ho * Wo) + pix[:, None]
+        acc += tl.load(temb_ptr + n0 * C_out + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+    out_offs = (n0.to(tl.int64) * C_out + o[None, :]) * (Ho * Wo) + pix[:, None]
     mask = row_ok[:, None] & o_ok[None, :]
     if HAS_RES:
         acc += tl.load(res_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
@@ -112,28 +103,27 @@ def _pruned_conv_fwd_kernel(
 
 @triton.jit
 def _pruned_conv_grad_input_kernel(
-    g_ptr,          # [N, K_out, Ho, Wo] output gradient, strides sg*
-    w_ptr,          # [C_out, C_in, KS, KS] contiguous (dense)
-    x_ptr,          # [N, C_x, H, W], strides sx* (PROLOGUE: recompute z)
-    in_idx_ptr, out_idx_ptr,
-    scale_ptr, shift_ptr,        # [N, K_in] fp32 (PROLOGUE)
-    gscale_ptr, gshift_ptr,      # [N, K_in] fp32, zero-initialised, accumulated (PROLOGUE)
-    gx_ptr,         # [N, C_x, H, W], strides sx* (same layout as x)
+    g_ptr,          # [N, C_out, Ho, Wo] output gradient, strides sg*
+    w_ptr,          # [C_out, C_in, KS, KS] contiguous
+    x_ptr,          # [N, C_in, H, W], strides sx* (PROLOGUE: recompute z)
+    scale_ptr, shift_ptr,        # [N, C_in] fp32 (PROLOGUE)
+    gscale_ptr, gshift_ptr,      # [N, C_in] fp32, zero-initialised, accumulated (PROLOGUE)
+    gx_ptr,         # [N, C_in, H, W], strides sx* (same layout as x)
     sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
-    H, W, Ho, Wo, C_in, K_in, K_out, out_scale,
+    H, W, Ho, Wo, C_in, C_out, out_scale,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KS: tl.constexpr,
-    GATHER: tl.constexpr, PROLOGUE: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    PROLOGUE: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    # d act[n, c, h, w] = sum_{o, kh, kw} g[n, o, (h+P-kh)/S, (w+P-kw)/S] * W[out_index[o], in_index[c], kh, kw]
+    # d act[n, c, h, w] = sum_{o, kh, kw} g[n, o, (h+P-kh)/S, (w+P-kw)/S] * W[o, c, kh, kw]
     # over the taps where the division is exact and in range; then the prologue's backward per (n, c).
     pid_m, pid_n, n0 = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pix = pid_m * BM + tl.arange(0, BM)
     row_ok = pix < H * W
     h, w = pix // W, pix % W
     c = pid_n * BN + tl.arange(0, BN)
-    c_ok = c < K_in
-    col = tl.load(in_idx_ptr + c, mask=c_ok, other=0).to(tl.int64)
+    c_ok = c < C_in
+    col = c.to(tl.int64)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for kh in tl.static_range(KS):
         for kw in tl.static_range(KS):
@@ -145,62 +135,56 @@ def _pruned_conv_grad_input_kernel(
             ho, wo = ehc // STRIDE, ewc // STRIDE
             ok = row_ok & (eh >= 0) & (ew >= 0) & (ehc % STRIDE == 0) & (ewc % STRIDE == 0) & (ho < Ho) & (wo < Wo)
             g_row = n0.to(tl.int64) * sgn + ho * sgh + wo * sgw
-            for o0 in range(0, K_out, BK):
+            for o0 in range(0, C_out, BK):
                 o = o0 + tl.arange(0, BK)
-                o_ok = o < K_out
+                o_ok = o < C_out
                 g = tl.load(g_ptr + g_row[:, None] + o[None, :] * sgc, mask=ok[:, None] & o_ok[None, :], other=0.0)
-                orow = tl.load(out_idx_ptr + o, mask=o_ok, other=0).to(tl.int64)
-                w_offs = (orow[:, None] * C_in + col[None, :]) * (KS * KS) + (kh * KS + kw)
+                w_offs = (o.to(tl.int64)[:, None] * C_in + col[None, :]) * (KS * KS) + (kh * KS + kw)
                 b = tl.load(w_ptr + w_offs, mask=o_ok[:, None] & c_ok[None, :], other=0.0)
                 if IEEE:
                     acc += tl.dot(g.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision="ieee")
                 else:
                     acc += tl.dot(g.to(DOT_DTYPE), b.to(DOT_DTYPE))
     acc = acc * out_scale
-    if GATHER:
-        chan = col
-    else:
-        chan = c.to(tl.int64)
-    offs = (n0.to(tl.int64) * sxn + h * sxh + w * sxw)[:, None] + (chan * sxc)[None, :]
+    offs = (n0.to(tl.int64) * sxn + h * sxh + w * sxw)[:, None] + (col * sxc)[None, :]
     mask = row_ok[:, None] & c_ok[None, :]
     if PROLOGUE:
         # a = silu(z), z = x * scale + shift
         xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        sc = tl.load(scale_ptr + n0 * K_in + c, mask=c_ok, other=0.0)
-        sh = tl.load(shift_ptr + n0 * K_in + c, mask=c_ok, other=0.0)
+        sc = tl.load(scale_ptr + n0 * C_in + c, mask=c_ok, other=0.0)
+        sh = tl.load(shift_ptr + n0 * C_in + c, mask=c_ok, other=0.0)
         z = xv * sc[None, :] + sh[None, :]
         sig = 1.0 / (1.0 + tl.exp(-z))
         dz = tl.where(mask, acc * sig * (1.0 + z * (1.0 - sig)), 0.0)
-        tl.atomic_add(gscale_ptr + n0 * K_in + c, tl.sum(dz * xv, axis=0), mask=c_ok)
-        tl.atomic_add(gshift_ptr + n0 * K_in + c, tl.sum(dz, axis=0), mask=c_ok)
+        tl.atomic_add(gscale_ptr + n0 * C_in + c, tl.sum(dz * xv, axis=0), mask=c_ok)
+        tl.atomic_add(gshift_ptr + n0 * C_in + c, tl.sum(dz, axis=0), mask=c_ok)
         acc = dz * sc[None, :]
     tl.store(gx_ptr + offs, acc.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _pruned_conv_grad_weight_kernel(
-    g_ptr,          # [N, K_out, Ho, Wo] output gradient, strides sg*
-    x_ptr,          # [N, C_x, H, W], strides sx*
-    in_idx_ptr, out_idx_ptr,
-    scale_ptr, shift_ptr,        # [N, K_in] fp32 (PROLOGUE)
-    gw_ptr,         # [C_out, C_in, KS, KS] fp32, zero-initialised (dense)
+    g_ptr,          # [N, C_out, Ho, Wo] output gradient, strides sg*
+    x_ptr,          # [N, C_in, H, W], strides sx*
+    scale_ptr, shift_ptr,        # [N, C_in] fp32 (PROLOGUE)
+    gw_ptr,         # [C_out, C_in, KS, KS] fp32, zero-initialised
     sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
-    N, H, W, Ho, Wo, C_in, K_in, K_out, out_scale, pix_per_split,
+    N, H, W, Ho, Wo, C_in, C_out, out_scale, pix_per_split,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KS: tl.constexpr,
-    GATHER: tl.constexpr, PROLOGUE: tl.constexpr, ATOMIC: tl.constexpr,
+    PROLOGUE: tl.constexpr, ATOMIC: tl.constexpr,
     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    # gW[out_index[o], in_index[c], kh, kw] = sum_{n, pixel} g[n, o, pixel] * act[n, c, pixel*S + tap - P]
+    # gW[o, c, kh, kw] = sum_{n, pixel} g[n, o, pixel] * act[n, c, pixel*S + tap - P]
     # program (output-channel block, input-channel block, tap * splits); BK pixels per step over this split.
     pid_o, pid_c, pid_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tap = pid_t % (KS * KS)
     split = pid_t // (KS * KS)
     kh, kw = tap // KS, tap % KS
     o = pid_o * BM + tl.arange(0, BM)
-    o_ok = o < K_out
+    o_ok = o < C_out
     c = pid_c * BN + tl.arange(0, BN)
-    c_ok = c < K_in
+    c_ok = c < C_in
     total = N * Ho * Wo
     start = split * pix_per_split
     stop = tl.minimum(start + pix_per_split, total)
@@ -213,16 +197,14 @@ def _pruned_conv_grad_weight_kernel(
         ho, wo = q // Wo, q % Wo
         g_offs = (n.to(tl.int64) * sgn + ho * sgh + wo * sgw)[None, :] + (o.to(tl.int64) * sgc)[:, None]
         g = tl.load(g_ptr + g_offs, mask=o_ok[:, None] & p_ok[None, :], other=0.0)
-        a = _load_act(x_ptr, scale_ptr, shift_ptr, in_idx_ptr, n, ho * STRIDE + kh - PAD, wo * STRIDE + kw - PAD,
-                      c, p_ok, c_ok, sxn, sxc, sxh, sxw, H, W, K_in, GATHER, PROLOGUE)
+        a = _load_act(x_ptr, scale_ptr, shift_ptr, n, ho * STRIDE + kh - PAD, wo * STRIDE + kw - PAD,
+                      c, p_ok, c_ok, sxn, sxc, sxh, sxw, H, W, C_in, PROLOGUE)
         if IEEE:
             acc += tl.dot(g.to(DOT_DTYPE), a.to(DOT_DTYPE), input_precision="ieee")
         else:
             acc += tl.dot(g.to(DOT_DTYPE), a.to(DOT_DTYPE))
     acc = acc * out_scale
-    orow = tl.load(out_idx_ptr + o, mask=o_ok, other=0).to(tl.int64)
-    col = tl.load(in_idx_ptr + c, mask=c_ok, other=0).to(tl.int64)
-    offs = (orow[:, None] * C_in + col[None, :]) * (KS * KS) + tap
+    offs = (o.to(tl.int64)[:, None] * C_in + c[None, :]) * (KS * KS) + tap
     mask = o_ok[:, None] & c_ok[None, :]
     if ATOMIC:
         tl.atomic_add(gw_ptr + offs, acc, mask=mask)
@@ -266,79 +248,77 @@ def _geometry(x, weight, stride, padding):
     return n, h, w, k, ho, wo
 
 
-def forward(x, weight, bias, in_index, out_index, stride, padding, gather_input, norm_scale, norm_shift, temb_bias,
-            residual, out_scale):
-    """Output ``[N, K_out, Ho, Wo]`` in x's dtype. ``norm_scale/norm_shift [N, K_in]`` fp32 or None;
-    ``bias [C_out]`` (dense) or None; ``temb_bias [N, K_out]`` or None; ``residual [N, K_out, Ho, Wo]`` or None."""
+def forward(x, weight, bias, stride, padding, norm_scale, norm_shift, temb_bias, residual, out_scale):
+    """Output ``[N, C_out, Ho, Wo]`` in x's dtype. ``norm_scale/norm_shift [N, C_in]`` fp32 or None;
+    ``bias [C_out]`` or None; ``temb_bias [N, C_out]`` or None; ``residual [N, C_out, Ho, Wo]`` or None."""
     n, h, w, k, ho, wo = _geometry(x, weight, stride, padding)
-    k_in, k_out = in_index.numel(), out_index.numel()
+    c_out, c_in = weight.shape[0], weight.shape[1]
     weight = weight.contiguous()
-    out = torch.empty((n, k_out, ho, wo), device=x.device, dtype=x.dtype)
+    out = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype)
     residual = residual.contiguous() if residual is not None else None
     temb_bias = temb_bias.contiguous() if temb_bias is not None else None
-    bm, bn, bk = _blocks(ho * wo, k_out)
-    grid = (triton.cdiv(ho * wo, bm), triton.cdiv(k_out, bn), n)
+    bm, bn, bk = _blocks(ho * wo, c_out)
+    grid = (triton.cdiv(ho * wo, bm), triton.cdiv(c_out, bn), n)
     dummy = out
     _pruned_conv_fwd_kernel[grid](
-        x, weight, in_index, out_index,
+        x, weight,
         norm_scale if norm_scale is not None else dummy, norm_shift if norm_shift is not None else dummy,
         bias if bias is not None else dummy, temb_bias if temb_bias is not None else dummy,
         residual if residual is not None else dummy, out,
-        *x.stride(), h, w, ho, wo, weight.shape[1], k_in, k_out, float(out_scale),
-        STRIDE=stride, PAD=padding, KS=k, GATHER=gather_input, PROLOGUE=norm_scale is not None,
+        *x.stride(), h, w, ho, wo, c_in, c_out, float(out_scale),
+        STRIDE=stride, PAD=padding, KS=k, PROLOGUE=norm_scale is not None,
         HAS_BIAS=bias is not None, HAS_TEMB=temb_bias is not None, HAS_RES=residual is not None,
         DOT_DTYPE=_dot_dtype(x.dtype), IEEE=_ieee(x.dtype), BM=bm, BN=bn, BK=bk,
     )
     return out
 
 
-def grad_input(grad_out, x, weight, in_index, out_index, stride, padding, gather_input, norm_scale, norm_shift,
-               out_scale):
-    """``(grad_x, grad_norm_scale, grad_norm_shift)``: grad_x like ``x`` (zeros in unread channels of a dense
-    input); the norm gradients ``[N, K_in]`` fp32, or empty tensors without a prologue."""
+def grad_input(grad_out, x, weight, stride, padding, norm_scale, norm_shift, out_scale):
+    """``(grad_x, grad_norm_scale, grad_norm_shift)``: grad_x like ``x``; the norm gradients ``[N, C_in]`` fp32,
+    or empty tensors without a prologue."""
     n, h, w, k, ho, wo = _geometry(x, weight, stride, padding)
-    k_in, k_out = in_index.numel(), out_index.numel()
+    c_out, c_in = weight.shape[0], weight.shape[1]
     weight = weight.contiguous()
-    grad_x = torch.zeros_like(x) if gather_input else torch.empty_like(x)
+    grad_x = torch.empty_like(x)
     prologue = norm_scale is not None
-    shape = (n, k_in) if prologue else (0,)
+    shape = (n, c_in) if prologue else (0,)
     grad_scale = torch.zeros(shape, device=x.device, dtype=torch.float32)
     grad_shift = torch.zeros(shape, device=x.device, dtype=torch.float32)
-    bm, bn, bk = _blocks(h * w, k_in)
-    grid = (triton.cdiv(h * w, bm), triton.cdiv(k_in, bn), n)
+    bm, bn, bk = _blocks(h * w, c_in)
+    grid = (triton.cdiv(h * w, bm), triton.cdiv(c_in, bn), n)
     _pruned_conv_grad_input_kernel[grid](
-        grad_out, weight, x, in_index, out_index,
+        grad_out, weight, x,
         norm_scale if prologue else grad_scale, norm_shift if prologue else grad_shift, grad_scale, grad_shift,
         grad_x, *grad_out.stride(), *x.stride(),
-        h, w, ho, wo, weight.shape[1], k_in, k_out, float(out_scale),
-        STRIDE=stride, PAD=padding, KS=k, GATHER=gather_input, PROLOGUE=prologue,
+        h, w, ho, wo, c_in, c_out, float(out_scale),
+        STRIDE=stride, PAD=padding, KS=k, PROLOGUE=prologue,
         DOT_DTYPE=_dot_dtype(x.dtype), IEEE=_ieee(x.dtype), BM=bm, BN=bn, BK=bk,
     )
     return grad_x, grad_scale, grad_shift
 
 
-def grad_weight(grad_out, x, weight, in_index, out_index, stride, padding, gather_input, norm_scale, norm_shift,
-                out_scale):
-    """Dense ``[C_out, C_in, k, k]`` gradient in the weight's dtype, zero outside the kept rows/columns."""
+def grad_weight(grad_out, x, weight, stride, padding, norm_scale, norm_shift, out_scale):
+    """``[C_out, C_in, k, k]`` gradient in the weight's dtype."""
     n, h, w, k, ho, wo = _geometry(x, weight, stride, padding)
-    k_in, k_out = in_index.numel(), out_index.numel()
-    bm, bn, bk = _blocks(k_out, k_in, pixel_reduction=True)
-    tiles = triton.cdiv(k_out, bm) * triton.cdiv(k_in, bn) * k * k
+    c_out, c_in = weight.shape[0], weight.shape[1]
+    bm, bn, bk = _blocks(c_out, c_in, pixel_reduction=True)
+    tiles = triton.cdiv(c_out, bm) * triton.cdiv(c_in, bn) * k * k
     total = n * ho * wo
     # split the pixel reduction when the tile grid alone cannot fill a GPU (~4 programs per SM of an H100-class
     # part); the interpreter gains nothing from splitting
     splits = 1 if (_INTERPRET or x.device.type != "cuda") else max(1, min(triton.cdiv(528, tiles), total // 1024))
     per_split = triton.cdiv(triton.cdiv(total, splits), bk) * bk
     splits = triton.cdiv(total, per_split)
-    grad_w32 = torch.zeros(weight.shape, device=x.device, dtype=torch.float32)
+    # split reductions accumulate atomically into zeros; otherwise every element is stored once
+    grad_w32 = (torch.zeros if splits > 1 else torch.empty)(weight.shape, device=x.device, dtype=torch.float32)
     dummy = grad_w32
-    grid = (triton.cdiv(k_out, bm), triton.cdiv(k_in, bn), k * k * splits)
+    grid = (triton.cdiv(c_out, bm), triton.cdiv(c_in, bn), k * k * splits)
     _pruned_conv_grad_weight_kernel[grid](
-        grad_out, x, in_index, out_index,
+        grad_out, x,
         norm_scale if norm_scale is not None else dummy, norm_shift if norm_shift is not None else dummy,
         grad_w32, *grad_out.stride(), *x.stride(),
-        n, h, w, ho, wo, weight.shape[1], k_in, k_out, float(out_scale), per_split,
-        STRIDE=stride, PAD=padding, KS=k, GATHER=gather_input, PROLOGUE=norm_scale is not None,
+        n, h, w, ho, wo, c_in, c_out, float(out_scale), per_split,
+        STRIDE=stride, PAD=padding, KS=k, PROLOGUE=norm_scale is not None,
         ATOMIC=splits > 1, DOT_DTYPE=_dot_dtype(x.dtype), IEEE=_ieee(x.dtype), BM=bm, BN=bn, BK=bk,
     )
     return grad_w32.to(weight.dtype)

@@ -1,8 +1,8 @@
 """One verb to run a diffusers UNet2DConditionModel on the fused ops, in place, and one to undo it exactly.
 
 ``patch_unet(unet, backend=None, ops=("groupnorm_silu", "conv"))`` works on any UNet2DConditionModel: the dense
-teacher or a PrunedUNet2DConditionModel student (whose layers already have their pruned widths, so its convs
-are the identity-index case of the pruned conv). What it swaps:
+teacher or a PrunedUNet2DConditionModel student (whose layers already have their pruned widths: the fused conv
+runs on the sliced weights as they are). What it swaps:
 
 - ``"conv"``: every supported ``nn.Conv2d`` becomes a :class:`~safeprune_engine.ops.pruned_conv.PrunedConv2d`
   that shares the conv's Parameter objects (state dict, optimizers and ``.to()`` see the same tensors).

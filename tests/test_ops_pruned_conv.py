@@ -54,16 +54,13 @@ def skip_unless_available(backend: str, *args):
 class Case:
     name: str
     n: int
-    c_in: int        # dense weight input channels
-    k_in: int        # kept input channels
-    c_out: int       # dense weight output channels
-    k_out: int       # kept output channels
+    c_in: int
+    c_out: int
     h: int
     w: int
     k: int
     stride: int
     padding: int
-    gather: bool = False     # x is the dense [N, c_in, H, W] activation
     prologue: bool = False
     epilogue: bool = False   # bias + temb + residual + out_scale
     tiny: bool = True        # small enough for the Triton interpreter
@@ -72,18 +69,19 @@ class Case:
         return self.name
 
 
+# pruned students have odd widths (kept channels of a 320/640/1280 layer): shapes off every tile size
 CASES = [
-    Case("minimal", 1, 1, 1, 1, 1, 3, 3, 3, 1, 1),
-    Case("odd_37of64_3x3_fused", 2, 64, 37, 50, 41, 8, 9, 3, 1, 1, prologue=True, epilogue=True),
-    Case("dense_input_gather_s2", 2, 64, 37, 48, 29, 9, 11, 3, 2, 1, gather=True, prologue=True, epilogue=True),
-    Case("shortcut_1x1", 2, 40, 25, 32, 32, 8, 8, 1, 1, 0, epilogue=True),
-    Case("gather_1x1_s2", 1, 48, 13, 35, 22, 10, 7, 1, 2, 0, gather=True),
-    # SD-1.5 resnet conv2 of the 320-wide stage scaled down by 8 (320 -> 40, 200 kept -> 25), 64x64 -> 16x16
-    Case("sd_320_scaled_25of40", 2, 40, 25, 40, 40, 16, 16, 3, 1, 1, prologue=True, epilogue=True),
+    Case("minimal", 1, 1, 1, 3, 3, 3, 1, 1),
+    Case("odd_37_to_41_3x3_fused", 2, 37, 41, 8, 9, 3, 1, 1, prologue=True, epilogue=True),
+    Case("odd_37_to_29_s2_fused", 2, 37, 29, 9, 11, 3, 2, 1, prologue=True, epilogue=True),
+    Case("shortcut_1x1", 2, 25, 32, 8, 8, 1, 1, 0, epilogue=True),
+    Case("1x1_s2", 1, 13, 22, 10, 7, 1, 2, 0),
+    # SD-1.5 resnet conv2 of the 320-wide stage scaled down by 8 (200 kept of 320 -> 25), 64x64 -> 16x16
+    Case("sd_320_scaled_25_to_40", 2, 25, 40, 16, 16, 3, 1, 1, prologue=True, epilogue=True),
     # SD-1.5 downsampler (3x3 stride 2) scaled down
-    Case("sd_downsample_scaled", 1, 40, 40, 40, 40, 16, 16, 3, 2, 1),
-    # real pruned widths (200 of 320 in, 320 out), small image: C++ only (too slow for the interpreter)
-    Case("pruned_200of320", 1, 320, 200, 320, 320, 8, 8, 3, 1, 1, prologue=True, epilogue=True, tiny=False),
+    Case("sd_downsample_scaled", 1, 40, 40, 16, 16, 3, 2, 1),
+    # real pruned widths (200 kept of 320 in, 320 out), small image: C++ only (too slow for the interpreter)
+    Case("pruned_200_to_320", 1, 200, 320, 8, 8, 3, 1, 1, prologue=True, epilogue=True, tiny=False),
 ]
 
 
@@ -96,21 +94,19 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str, seed: int = 0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + offset).to(device, dt).requires_grad_()
 
     ho, wo = output_size(case.h, case.k, case.stride, case.padding), output_size(case.w, case.k, case.stride, case.padding)
-    fan_in = case.k_in * case.k * case.k
+    fan_in = case.c_in * case.k * case.k
     inputs = dict(
-        x=rand(case.n, case.c_in if case.gather else case.k_in, case.h, case.w),
+        x=rand(case.n, case.c_in, case.h, case.w),
         weight=rand(case.c_out, case.c_in, case.k, case.k, scale=fan_in ** -0.5),
-        in_index=torch.randperm(case.c_in, generator=g)[: case.k_in].to(device),
-        out_index=torch.randperm(case.c_out, generator=g)[: case.k_out].to(device, torch.int32),
-        stride=case.stride, padding=case.padding, gather_input=case.gather,
+        stride=case.stride, padding=case.padding,
     )
     if case.prologue:
-        inputs["norm_scale"] = rand(case.n, case.k_in, dt=acc, scale=0.3, offset=1.0)
-        inputs["norm_shift"] = rand(case.n, case.k_in, dt=acc, scale=0.5)
+        inputs["norm_scale"] = rand(case.n, case.c_in, dt=acc, scale=0.3, offset=1.0)
+        inputs["norm_shift"] = rand(case.n, case.c_in, dt=acc, scale=0.5)
     if case.epilogue:
         inputs["bias"] = rand(case.c_out)
-        inputs["temb_bias"] = rand(case.n, case.k_out)
-        inputs["residual"] = rand(case.n, case.k_out, ho, wo)
+        inputs["temb_bias"] = rand(case.n, case.c_out)
+        inputs["residual"] = rand(case.n, case.c_out, ho, wo)
         inputs["out_scale"] = 0.75
     return inputs
 
@@ -132,8 +128,7 @@ def as_float64_reference(inputs: dict) -> dict:
 
 def reference_call(inputs: dict) -> torch.Tensor:
     args = dict(inputs)
-    return pruned_conv_reference(args.pop("x"), args.pop("weight"), args.pop("bias", None), args.pop("in_index"),
-                                 args.pop("out_index"), **args)
+    return pruned_conv_reference(args.pop("x"), args.pop("weight"), args.pop("bias", None), **args)
 
 
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str):
@@ -166,8 +161,7 @@ def test_backend_matches_reference_forward_and_every_gradient(backend, case, dty
     x, weight = args.pop("x"), args.pop("weight")
     skip_unless_available(backend, x, weight)
 
-    out = pruned_conv(x, weight, args.pop("bias", None), args.pop("in_index"), args.pop("out_index"),
-                      backend=backend, **args)
+    out = pruned_conv(x, weight, args.pop("bias", None), backend=backend, **args)
     ref_inputs = as_float64_reference(inputs)
     expected = reference_call(ref_inputs)
     assert out.dtype == dtype
@@ -182,30 +176,19 @@ def test_backend_matches_reference_forward_and_every_gradient(backend, case, dty
         assert grad.dtype == leaf.dtype, f"grad {name} dtype"
         assert_close_rel(grad, ref_grad, dtype, f"grad {name}")
 
-    # the scattered gradients are exactly zero outside what the op reads
-    grad_w = grads[list(leaves).index("weight")]
-    kept = torch.zeros(case.c_out, case.c_in, dtype=torch.bool, device=device)
-    kept[inputs["out_index"].long()[:, None], inputs["in_index"].long()[None, :]] = True
-    assert (grad_w[~kept] == 0).all()
-    if case.gather:
-        unread = torch.ones(case.c_in, dtype=torch.bool, device=device)
-        unread[inputs["in_index"].long()] = False
-        assert (grads[0][:, unread] == 0).all()
-
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_channels_last_input(backend):
     device = device_for(backend)
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    case = CASES[2]  # dense input, stride 2, prologue and epilogue
+    case = CASES[2]  # stride 2, prologue and epilogue
     inputs = make_inputs(case, torch.float32, device, seed=7)
     x = inputs["x"].detach().to(memory_format=torch.channels_last).requires_grad_()
     inputs["x"] = x
     args = dict(inputs)
     skip_unless_available(backend, x, args["weight"])
-    out = pruned_conv(args.pop("x"), args.pop("weight"), args.pop("bias"), args.pop("in_index"),
-                      args.pop("out_index"), backend=backend, **args)
+    out = pruned_conv(args.pop("x"), args.pop("weight"), args.pop("bias"), backend=backend, **args)
     ref_inputs = as_float64_reference(inputs)
     expected = reference_call(ref_inputs)
     assert_close_rel(out, expected, torch.float32, "output")
@@ -225,8 +208,7 @@ def test_gpu_tf32_follows_torch_switch(backend):
     skip_unless_available(backend, inputs["x"], inputs["weight"])
     torch.backends.cudnn.allow_tf32 = True  # the autouse fixture restores it
     args = dict(inputs)
-    out = pruned_conv(args.pop("x"), args.pop("weight"), args.pop("bias"), args.pop("in_index"), args.pop("out_index"),
-                      backend=backend, **args)
+    out = pruned_conv(args.pop("x"), args.pop("weight"), args.pop("bias"), backend=backend, **args)
     expected = reference_call(as_float64_reference(inputs))
     err = (out.double() - expected).abs().max().item()
     assert err <= 5e-3 * expected.abs().max().item()
@@ -240,8 +222,7 @@ def test_cpp_lower_instruction_sets_match(isa, monkeypatch):
     inputs = make_inputs(case, torch.float32, "cpu", seed=3)
     monkeypatch.setenv("SAFEPRUNE_CPU_ISA", isa)
     args = dict(inputs)
-    out = pruned_conv(args.pop("x"), args.pop("weight"), args.pop("bias"), args.pop("in_index"), args.pop("out_index"),
-                      backend="cpp", **args)
+    out = pruned_conv(args.pop("x"), args.pop("weight"), args.pop("bias"), backend="cpp", **args)
     leaves = differentiable(inputs)
     grads = torch.autograd.grad(out.sum(), list(leaves.values()))
     ref_inputs = as_float64_reference(inputs)
@@ -255,16 +236,15 @@ def test_cpp_lower_instruction_sets_match(isa, monkeypatch):
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4]], ids=str)
 def test_cpp_gradcheck_float64(case):
     skip_unless_available("cpp")
-    small = Case(case.name, 1, min(case.c_in, 7), min(case.k_in, 5), min(case.c_out, 6), min(case.k_out, 4),
-                 5, 6, case.k, case.stride, case.padding, case.gather, case.prologue, case.epilogue)
+    small = Case(case.name, 1, min(case.c_in, 5), min(case.c_out, 4), 5, 6, case.k, case.stride, case.padding,
+                 case.prologue, case.epilogue)
     inputs = make_inputs(small, torch.float64, "cpu", seed=11)
     leaves = differentiable(inputs)
     fixed = {k: v for k, v in inputs.items() if k not in leaves}
 
     def fn(*tensors):
         kw = dict(fixed, **dict(zip(leaves, tensors)))
-        return pruned_conv(kw.pop("x"), kw.pop("weight"), kw.pop("bias", None), kw.pop("in_index"),
-                           kw.pop("out_index"), backend="cpp", **kw)
+        return pruned_conv(kw.pop("x"), kw.pop("weight"), kw.pop("bias", None), backend="cpp", **kw)
 
     assert torch.autograd.gradcheck(fn, tuple(leaves.values()), eps=1e-6, atol=1e-7)
 
@@ -272,33 +252,30 @@ def test_cpp_gradcheck_float64(case):
 def _op_args(inputs: dict, backend: str) -> tuple:
     d = {k: (v.detach().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
          for k, v in inputs.items()}
-    return (d["x"], d["weight"], d.get("bias"), d["in_index"], d["out_index"], d["stride"], d["padding"],
-            d["gather_input"], d.get("norm_scale"), d.get("norm_shift"), d.get("temb_bias"), d.get("residual"),
-            d.get("out_scale", 1.0), backend)
+    return (d["x"], d["weight"], d.get("bias"), d["stride"], d["padding"], d.get("norm_scale"), d.get("norm_shift"),
+            d.get("temb_bias"), d.get("residual"), d.get("out_scale", 1.0), backend)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_opcheck(backend):
     if backend != "reference":
         skip_unless_available(backend)
-    inputs = make_inputs(Case("opcheck", 2, 12, 7, 10, 6, 6, 5, 3, 2, 1, gather=True, prologue=True,
-                              epilogue=True), torch.float32, "cpu", seed=5)
+    inputs = make_inputs(Case("opcheck", 2, 7, 6, 6, 5, 3, 2, 1, prologue=True, epilogue=True), torch.float32, "cpu",
+                         seed=5)
     args = _op_args(inputs, backend)
     torch.library.opcheck(torch.ops.safeprune.pruned_conv.default, args)
     # the backward op has no derivative of its own (double backward is not supported): plain tensors
-    x, weight, norm_scale, norm_shift = (t.detach() for t in (args[0], args[1], args[8], args[9]))
+    x, weight, norm_scale, norm_shift = (t.detach() for t in (args[0], args[1], args[5], args[6]))
     grad_out = torch.randn(2, 6, 3, 3)
-    backward_args = (grad_out, x, weight, args[3], args[4], 2, 1, True, norm_scale, norm_shift, 0.75, True, True,
-                     backend)
+    backward_args = (grad_out, x, weight, 2, 1, norm_scale, norm_shift, 0.75, True, True, backend)
     torch.library.opcheck(torch.ops.safeprune.pruned_conv_backward.default, backward_args)
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
     skip_unless_available("cpp")
     torch.manual_seed(0)
-    conv = nn.Conv2d(16, 24, 3, padding=1)
-    module = PrunedConv2d.from_conv(conv, in_index=torch.arange(0, 16, 2), out_index=torch.tensor([5, 1, 20, 7]),
-                                    backend="cpp")
+    conv = nn.Conv2d(8, 4, 3, padding=1)
+    module = PrunedConv2d.from_conv(conv, backend="cpp")
     norm = nn.GroupNorm(4, 8)
 
     def block(x, temb, residual):
@@ -334,38 +311,14 @@ def test_pruned_conv2d_is_a_drop_in_for_conv2d_and_shares_its_parameters():
     torch.testing.assert_close(grad, conv.weight.grad)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
-def test_masked_subnetwork_equals_the_sliced_conv(backend):
-    if backend != "reference":
-        skip_unless_available(backend)
-    torch.manual_seed(1)
-    teacher = nn.Conv2d(64, 48, 3, padding=1)
-    keep_in, keep_out = torch.randperm(64)[:37], torch.randperm(48)[:29]
-    student = PrunedConv2d.from_conv(teacher, keep_in, keep_out, backend=backend)
-    sliced = nn.Conv2d(37, 29, 3, padding=1)
-    with torch.no_grad():
-        sliced.weight.copy_(teacher.weight[keep_out][:, keep_in])
-        sliced.bias.copy_(teacher.bias[keep_out])
-    x = torch.randn(2, 37, 8, 8)
-    torch.testing.assert_close(student(x), sliced(x), atol=1e-5, rtol=1e-4)
-    # the same computation on the dense activation, reading only the kept channels
-    dense_reader = PrunedConv2d.from_conv(teacher, keep_in, keep_out, gather_input=True, backend=backend)
-    dense_x = torch.randn(2, 64, 8, 8)
-    torch.testing.assert_close(dense_reader(dense_x), sliced(dense_x[:, keep_in]), atol=1e-5, rtol=1e-4)
-
-
-def test_pruned_conv2d_rejects_bad_indices_and_unsupported_convs():
+def test_pruned_conv2d_rejects_bad_inputs_and_unsupported_convs():
     conv = nn.Conv2d(8, 8, 3, padding=1)
-    with pytest.raises(SafepruneError, match="repeats a channel"):
-        PrunedConv2d.from_conv(conv, in_index=torch.tensor([0, 1, 1]))
-    with pytest.raises(SafepruneError, match="outside"):
-        PrunedConv2d.from_conv(conv, out_index=torch.tensor([0, 8]))
     with pytest.raises(SafepruneError, match="groups=2"):
         PrunedConv2d.from_conv(nn.Conv2d(8, 8, 3, groups=2))
     with pytest.raises(SafepruneError, match="dilation"):
         PrunedConv2d.from_conv(nn.Conv2d(8, 8, 3, dilation=2))
-    with pytest.raises(SafepruneError, match="x must be"):
-        PrunedConv2d.from_conv(conv, in_index=torch.arange(4))(torch.randn(1, 8, 5, 5))
+    with pytest.raises(SafepruneError, match=r"x must be \[N, 8, H, W\]"):
+        PrunedConv2d.from_conv(conv)(torch.randn(1, 4, 5, 5))
     with pytest.raises(SafepruneError, match="backend argument is 'fast'"):
         pruned_conv(torch.randn(1, 8, 5, 5), conv.weight, backend="fast")
 
@@ -378,10 +331,6 @@ def test_groupnorm_scale_shift_is_groupnorm():
     nn.init.normal_(norm.bias)
     scale, shift = groupnorm_scale_shift(x, 4, norm.weight, norm.bias, norm.eps)
     torch.testing.assert_close(x * scale[:, :, None, None] + shift[:, :, None, None], norm(x))
-    index = torch.tensor([11, 0, 5])
-    s_idx, b_idx = groupnorm_scale_shift(x, 4, norm.weight, norm.bias, norm.eps, index=index)
-    torch.testing.assert_close(s_idx, scale[:, index])
-    torch.testing.assert_close(b_idx, shift[:, index])
     # the statistics' hand-written backward
     xs = x.clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda t, w, b: groupnorm_scale_shift(t, 4, w, b, 1e-6),

@@ -1,29 +1,24 @@
-"""Pruned convolution: a conv2d computed from a DENSE weight that reads only kept input channels and writes only
-kept output channels, with an optional fused GroupNorm-apply + SiLU prologue and bias / time-embedding /
-residual epilogue.
+"""Fused convolution of the pruned student: a conv2d of its (physically sliced) weight with an optional fused
+GroupNorm-apply + SiLU prologue and bias / time-embedding / residual epilogue.
 
 The op (``pruned_conv_reference`` is the definition)::
 
-    a      = x[:, in_index] if gather_input else x                      # [N, K_in, H, W]
-    a      = silu(a * norm_scale[:, :, None, None] + norm_shift[...])    # prologue, when norm_scale is given
-    w      = weight[out_index][:, in_index]                              # [K_out, K_in, k, k], never materialised
-    out    = (conv2d(a, w, stride, padding) + bias[out_index] + temb_bias[:, :, None, None] + residual) * out_scale
+    a   = silu(x * norm_scale[:, :, None, None] + norm_shift[:, :, None, None])   # prologue, when given
+    out = (conv2d(a, weight, stride, padding) + bias + temb_bias[:, :, None, None] + residual) * out_scale
 
-Shapes: ``x [N, C_in, H, W]`` (``gather_input=True``, the dense activation) or ``[N, K_in, H, W]`` (the kept
-channels, in ``in_index`` order); ``weight [C_out, C_in, k, k]``; ``bias [C_out]``; ``in_index [K_in]`` and
-``out_index [K_out]`` int32/int64 without repeats; ``norm_scale / norm_shift [N, K_in]`` float32 (float64 for
-float64 inputs); ``temb_bias [N, K_out]``; ``residual`` and the output ``[N, K_out, Ho, Wo]``. The prologue is
-a GroupNorm whose statistics are already known: ``scale = gamma_c * rstd[n, g(c)]``, ``shift = beta_c -
-mean[n, g(c)] * scale`` (:func:`groupnorm_scale_shift`), so the input is normalised and activated as it is read.
-The conv zero-pads its input *after* the prologue, as ``F.conv2d(silu(groupnorm(x)))`` does.
+Shapes: ``x [N, C_in, H, W]``; ``weight [C_out, C_in, k, k]``; ``bias [C_out]``; ``norm_scale / norm_shift
+[N, C_in]`` float32 (float64 for float64 inputs); ``temb_bias [N, C_out]``; ``residual`` and the output
+``[N, C_out, Ho, Wo]``. The students are physically sliced (prune/), so the weight is already the pruned one.
+The prologue is a GroupNorm whose statistics are already known: ``scale = gamma_c * rstd[n, g(c)]``, ``shift =
+beta_c - mean[n, g(c)] * scale`` (:func:`groupnorm_scale_shift`), so the input is normalised and activated as it
+is read. The conv zero-pads its input *after* the prologue, as ``F.conv2d(silu(groupnorm(x)))`` does.
 
-Gradients (one autograd path, ``register_autograd`` on ``torch.ops.safeprune.pruned_conv``): x (scattered into
-the read channels of a dense input, zero elsewhere), weight (scattered into the kept rows/columns of a dense
-gradient), bias (kept rows), norm_scale, norm_shift, temb_bias, residual. The two GEMM-shaped products
-(grad wrt the input, grad wrt the weight) run in the chosen backend as ``torch.ops.safeprune.pruned_conv_backward``.
+Gradients (one autograd path, ``register_autograd`` on ``torch.ops.safeprune.pruned_conv``): x, weight, bias,
+norm_scale, norm_shift, temb_bias, residual. The two GEMM-shaped products (grad wrt the input, grad wrt the
+weight) run in the chosen backend as ``torch.ops.safeprune.pruned_conv_backward``.
 
-Backends (``safeprune_engine.ops.dispatch``): reference (torch: index_select + F.conv2d), cpp (csrc/pruned_conv_cpu.cpp,
-CPU, fp32/fp64/fp16/bf16), cuda (csrc/pruned_conv.cu, fp32/fp16/bf16), triton (kernels/pruned_conv.py,
+Backends (``safeprune_engine.ops.dispatch``): reference (torch: F.conv2d), cpp (csrc/pruned_conv_cpu.cpp, CPU,
+fp32/fp64/fp16/bf16), cuda (csrc/pruned_conv.cu, fp32/fp16/bf16), triton (kernels/pruned_conv.py,
 fp32/fp16/bf16). A backend is chosen per call (forward and backward separately) from the ``backend`` argument,
 else ``$SAFEPRUNE_KERNELS``, else auto.
 """
@@ -31,7 +26,7 @@ from __future__ import annotations
 
 import abc
 import importlib
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,22 +50,18 @@ def output_size(size: int, k: int, stride: int, padding: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- the definition
-def pruned_conv_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_index: Tensor, out_index: Tensor,
-                          stride: int = 1, padding: int = 0, gather_input: bool = False,
+def pruned_conv_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int = 1, padding: int = 0,
                           norm_scale: Optional[Tensor] = None, norm_shift: Optional[Tensor] = None,
                           temb_bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
                           out_scale: float = 1.0) -> Tensor:
     """The op in plain torch (differentiable). The prologue runs in float32 (float64 for float64 inputs) and
     its result is rounded to ``x``'s dtype before the conv, as a separate GroupNorm+SiLU kernel would store it."""
-    in_index, out_index = in_index.long(), out_index.long()
-    a = x.index_select(1, in_index) if gather_input else x
+    a = x
     if norm_scale is not None:
         acc = _acc_dtype(x.dtype)
-        z = a.to(acc) * norm_scale.to(acc)[:, :, None, None] + norm_shift.to(acc)[:, :, None, None]
+        z = x.to(acc) * norm_scale.to(acc)[:, :, None, None] + norm_shift.to(acc)[:, :, None, None]
         a = F.silu(z).to(x.dtype)
-    w = weight.index_select(0, out_index).index_select(1, in_index)
-    b = bias.index_select(0, out_index) if bias is not None else None
-    out = F.conv2d(a, w, b, stride=stride, padding=padding)
+    out = F.conv2d(a, weight, bias, stride=stride, padding=padding)
     if temb_bias is not None:
         out = out + temb_bias.to(out.dtype)[:, :, None, None]
     if residual is not None:
@@ -78,39 +69,35 @@ def pruned_conv_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_
     return out * out_scale if out_scale != 1.0 else out
 
 
-def _reference_backward(grad_out, x, weight, in_index, out_index, stride, padding, gather_input, norm_scale,
-                        norm_shift, out_scale, need_input, need_weight):
+def _reference_backward(grad_out, x, weight, stride, padding, norm_scale, norm_shift, out_scale, need_input,
+                        need_weight):
     """(grad_x, grad_weight, grad_norm_scale, grad_norm_shift) of the definition, in plain torch ops (no autograd:
     this runs inside a custom op's kernel, where autograd is off)."""
-    in_index, out_index = in_index.long(), out_index.long()
-    xg = x.index_select(1, in_index) if gather_input else x
     prologue = norm_scale is not None
     acc = _acc_dtype(x.dtype)
     if prologue:
-        z = xg.to(acc) * norm_scale.to(acc)[:, :, None, None] + norm_shift.to(acc)[:, :, None, None]
+        z = x.to(acc) * norm_scale.to(acc)[:, :, None, None] + norm_shift.to(acc)[:, :, None, None]
         a = F.silu(z).to(x.dtype)
     else:
-        a = xg
+        a = x
     # under autocast a bf16/fp16 x meets fp32 master weights: the conv ran in x's dtype, the weight's gradient
     # is returned in the weight's own dtype
-    w = weight.index_select(0, out_index).index_select(1, in_index).to(x.dtype)
+    w = weight.to(x.dtype)
     grad_acc = (grad_out * out_scale if out_scale != 1.0 else grad_out).to(x.dtype)
-    grad_a, grad_w_kept, _ = torch.ops.aten.convolution_backward(
+    grad_a, grad_w, _ = torch.ops.aten.convolution_backward(
         grad_acc, a, w, None, [stride, stride], [padding, padding], [1, 1], False, [0, 0], 1,
         [need_input, need_weight, False])
-    grad_x = grad_w = grad_sc = grad_sh = None
+    grad_x = grad_sc = grad_sh = None
     if need_input:
         if prologue:
             sig = torch.sigmoid(z)
             dz = grad_a.to(acc) * sig * (1 + z * (1 - sig))
-            grad_sc = (dz * xg.to(acc)).sum(dim=(2, 3))
+            grad_sc = (dz * x.to(acc)).sum(dim=(2, 3))
             grad_sh = dz.sum(dim=(2, 3))
             grad_a = dz * norm_scale.to(acc)[:, :, None, None]
-        grad_a = grad_a.to(x.dtype)
-        grad_x = torch.zeros_like(x).index_copy_(1, in_index, grad_a) if gather_input else grad_a
+        grad_x = grad_a.to(x.dtype)
     if need_weight:
-        grad_w = torch.zeros_like(weight)
-        grad_w[out_index[:, None], in_index[None, :]] = grad_w_kept.to(weight.dtype)
+        grad_w = grad_w.to(weight.dtype)
     return grad_x, grad_w, grad_sc, grad_sh
 
 
@@ -119,19 +106,18 @@ class PrunedConvBackend(dispatch.Backend, abc.ABC):
     """One implementation: ``__call__`` is the forward; ``backward`` gives the input and weight products."""
 
     @abc.abstractmethod
-    def forward(self, x, weight, bias, in_index, out_index, stride, padding, gather_input, norm_scale, norm_shift,
-                temb_bias, residual, out_scale) -> Tensor:
-        """The op's output ``[N, K_out, Ho, Wo]``."""
+    def forward(self, x, weight, bias, stride, padding, norm_scale, norm_shift, temb_bias, residual,
+                out_scale) -> Tensor:
+        """The op's output ``[N, C_out, Ho, Wo]``."""
 
     @abc.abstractmethod
-    def backward(self, grad_out, x, weight, in_index, out_index, stride, padding, gather_input, norm_scale,
-                 norm_shift, out_scale, need_input, need_weight) -> tuple:
+    def backward(self, grad_out, x, weight, stride, padding, norm_scale, norm_shift, out_scale, need_input,
+                 need_weight) -> tuple:
         """``(grad_x, grad_weight, grad_norm_scale, grad_norm_shift)``, None where not needed."""
 
-    def __call__(self, x, weight, bias, in_index, out_index, stride, padding, gather_input, norm_scale, norm_shift,
-                 temb_bias, residual, out_scale):
-        return self.forward(x, weight, bias, in_index, out_index, stride, padding, gather_input, norm_scale,
-                            norm_shift, temb_bias, residual, out_scale)
+    def __call__(self, x, weight, bias, stride, padding, norm_scale, norm_shift, temb_bias, residual, out_scale):
+        return self.forward(x, weight, bias, stride, padding, norm_scale, norm_shift, temb_bias, residual,
+                            out_scale)
 
 
 class ReferenceBackend(PrunedConvBackend):
@@ -179,10 +165,16 @@ class _NativeBackend(_KernelBackend):
     def forward(self, *args):
         return native.op("pruned_conv_forward")(*args)
 
-    def backward(self, grad_out, x, weight, in_index, out_index, stride, padding, gather_input, norm_scale,
-                 norm_shift, out_scale, need_input, need_weight):
-        return _native_backward(grad_out, x, weight, in_index, out_index, stride, padding, gather_input,
-                                norm_scale, norm_shift, out_scale, need_input, need_weight)
+    def backward(self, grad_out, x, weight, stride, padding, norm_scale, norm_shift, out_scale, need_input,
+                 need_weight):
+        grad_x = grad_sc = grad_sh = grad_w = None
+        if need_input:
+            grad_x, grad_sc, grad_sh = native.op("pruned_conv_grad_input")(
+                grad_out, x, weight, stride, padding, norm_scale, norm_shift, out_scale)
+        if need_weight:
+            grad_w = native.op("pruned_conv_grad_weight")(
+                grad_out, x, weight, stride, padding, norm_scale, norm_shift, out_scale)
+        return grad_x, grad_w, grad_sc, grad_sh
 
 
 class CppBackend(_NativeBackend):
@@ -215,18 +207,6 @@ class CudaBackend(_NativeBackend):
         return native.native_reasons(NATIVE_OPS, "CUDA")
 
 
-def _native_backward(grad_out, x, weight, in_index, out_index, stride, padding, gather_input, norm_scale,
-                     norm_shift, out_scale, need_input, need_weight):
-    grad_x = grad_sc = grad_sh = grad_w = None
-    if need_input:
-        grad_x, grad_sc, grad_sh = native.op("pruned_conv_grad_input")(
-            grad_out, x, weight, in_index, out_index, stride, padding, gather_input, norm_scale, norm_shift, out_scale)
-    if need_weight:
-        grad_w = native.op("pruned_conv_grad_weight")(
-            grad_out, x, weight, in_index, out_index, stride, padding, gather_input, norm_scale, norm_shift, out_scale)
-    return grad_x, grad_w, grad_sc, grad_sh
-
-
 class TritonBackend(_KernelBackend):
     name = "triton"
     device_types = ("cuda", "cpu")  # cpu only under the interpreter: triton_reasons says so
@@ -249,26 +229,23 @@ class TritonBackend(_KernelBackend):
     def _fp32(t):
         return None if t is None else t.float().contiguous()
 
-    def forward(self, x, weight, bias, in_index, out_index, stride, padding, gather_input, norm_scale, norm_shift,
-                temb_bias, residual, out_scale):
+    def forward(self, x, weight, bias, stride, padding, norm_scale, norm_shift, temb_bias, residual, out_scale):
         temb = None if temb_bias is None else temb_bias.to(x.dtype)
         res = None if residual is None else residual.to(x.dtype)
         b = None if bias is None else bias.to(x.dtype).contiguous()
-        return self._kernels().forward(x, weight, b, in_index, out_index, stride, padding, gather_input,
-                                       self._fp32(norm_scale), self._fp32(norm_shift), temb, res, out_scale)
+        return self._kernels().forward(x, weight, b, stride, padding, self._fp32(norm_scale), self._fp32(norm_shift),
+                                       temb, res, out_scale)
 
-    def backward(self, grad_out, x, weight, in_index, out_index, stride, padding, gather_input, norm_scale,
-                 norm_shift, out_scale, need_input, need_weight):
+    def backward(self, grad_out, x, weight, stride, padding, norm_scale, norm_shift, out_scale, need_input,
+                 need_weight):
         kernels = self._kernels()
         sc, sh = self._fp32(norm_scale), self._fp32(norm_shift)
         grad_x = grad_sc = grad_sh = grad_w = None
         grad_out = grad_out.to(x.dtype)
         if need_input:
-            grad_x, grad_sc, grad_sh = kernels.grad_input(grad_out, x, weight, in_index, out_index, stride, padding,
-                                                          gather_input, sc, sh, out_scale)
+            grad_x, grad_sc, grad_sh = kernels.grad_input(grad_out, x, weight, stride, padding, sc, sh, out_scale)
         if need_weight:
-            grad_w = kernels.grad_weight(grad_out, x, weight, in_index, out_index, stride, padding, gather_input,
-                                         sc, sh, out_scale)
+            grad_w = kernels.grad_weight(grad_out, x, weight, stride, padding, sc, sh, out_scale)
         return grad_x, grad_w, grad_sc, grad_sh
 
 
@@ -282,35 +259,31 @@ def _backend_arg(backend: str) -> Optional[str]:
 
 
 @torch.library.custom_op("safeprune::pruned_conv", mutates_args=())
-def _pruned_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_index: Tensor, out_index: Tensor,
-                    stride: int, padding: int, gather_input: bool, norm_scale: Optional[Tensor],
-                    norm_shift: Optional[Tensor], temb_bias: Optional[Tensor], residual: Optional[Tensor],
-                    out_scale: float, backend: str) -> Tensor:
-    args = (x, weight, bias, in_index, out_index, stride, padding, gather_input, norm_scale, norm_shift, temb_bias,
-            residual, out_scale)
+def _pruned_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int,
+                    norm_scale: Optional[Tensor], norm_shift: Optional[Tensor], temb_bias: Optional[Tensor],
+                    residual: Optional[Tensor], out_scale: float, backend: str) -> Tensor:
+    args = (x, weight, bias, stride, padding, norm_scale, norm_shift, temb_bias, residual, out_scale)
     return dispatch.choose(OP, *args, backend=_backend_arg(backend))(*args)
 
 
 @_pruned_conv_op.register_fake
-def _(x, weight, bias, in_index, out_index, stride, padding, gather_input, norm_scale, norm_shift, temb_bias,
-      residual, out_scale, backend):
+def _(x, weight, bias, stride, padding, norm_scale, norm_shift, temb_bias, residual, out_scale, backend):
     k = weight.shape[2]
-    return x.new_empty((x.shape[0], out_index.shape[0], output_size(x.shape[2], k, stride, padding),
+    return x.new_empty((x.shape[0], weight.shape[0], output_size(x.shape[2], k, stride, padding),
                         output_size(x.shape[3], k, stride, padding)))
 
 
 @torch.library.custom_op("safeprune::pruned_conv_backward", mutates_args=())
-def _pruned_conv_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, in_index: Tensor, out_index: Tensor,
-                             stride: int, padding: int, gather_input: bool, norm_scale: Optional[Tensor],
-                             norm_shift: Optional[Tensor], out_scale: float, need_input: bool, need_weight: bool,
+def _pruned_conv_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, stride: int, padding: int,
+                             norm_scale: Optional[Tensor], norm_shift: Optional[Tensor], out_scale: float,
+                             need_input: bool, need_weight: bool,
                              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_x like x, grad_weight like weight, grad_norm_scale, grad_norm_shift like norm_scale); the ones not
     asked for (need_input / need_weight, or no prologue) are empty tensors."""
-    args = (x, weight, None, in_index, out_index, stride, padding, gather_input, norm_scale, norm_shift, None, None,
-            out_scale)
+    args = (x, weight, None, stride, padding, norm_scale, norm_shift, None, None, out_scale)
     chosen = dispatch.choose(OP, *args, grad_out=grad_out, backend=_backend_arg(backend))
-    grads = chosen.backward(grad_out, x, weight, in_index, out_index, stride, padding, gather_input, norm_scale,
-                            norm_shift, out_scale, need_input, need_weight)
+    grads = chosen.backward(grad_out, x, weight, stride, padding, norm_scale, norm_shift, out_scale, need_input,
+                            need_weight)
     grad_x, grad_w, grad_sc, grad_sh = grads
     norm_dtype = norm_scale.dtype if norm_scale is not None else x.dtype
 
@@ -325,8 +298,7 @@ def _pruned_conv_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, in_ind
 
 
 @_pruned_conv_backward_op.register_fake
-def _(grad_out, x, weight, in_index, out_index, stride, padding, gather_input, norm_scale, norm_shift, out_scale,
-      need_input, need_weight, backend):
+def _(grad_out, x, weight, stride, padding, norm_scale, norm_shift, out_scale, need_input, need_weight, backend):
     prologue = need_input and norm_scale is not None
     norm_dtype = norm_scale.dtype if norm_scale is not None else x.dtype
     return (torch.empty_like(x) if need_input else x.new_empty((0,)),
@@ -336,75 +308,60 @@ def _(grad_out, x, weight, in_index, out_index, stride, padding, gather_input, n
 
 
 def _setup_context(ctx, inputs, output):
-    (x, weight, bias, in_index, out_index, stride, padding, gather_input, norm_scale, norm_shift, temb_bias,
-     residual, out_scale, backend) = inputs
-    ctx.save_for_backward(x, weight, in_index, out_index, norm_scale, norm_shift)
-    ctx.conv = (stride, padding, gather_input, out_scale, backend)
-    ctx.bias_shape = None if bias is None else (bias.shape, bias.dtype)
+    x, weight, bias, stride, padding, norm_scale, norm_shift, temb_bias, residual, out_scale, backend = inputs
+    ctx.save_for_backward(x, weight, norm_scale, norm_shift)
+    ctx.conv = (stride, padding, out_scale, backend)
+    ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.temb_dtype = None if temb_bias is None else temb_bias.dtype
     ctx.residual_dtype = None if residual is None else residual.dtype
 
 
 def _backward(ctx, grad_out):
-    x, weight, in_index, out_index, norm_scale, norm_shift = ctx.saved_tensors
-    stride, padding, gather_input, out_scale, backend = ctx.conv
+    x, weight, norm_scale, norm_shift = ctx.saved_tensors
+    stride, padding, out_scale, backend = ctx.conv
+    # input order: x, weight, bias, stride, padding, norm_scale, norm_shift, temb_bias, residual, out_scale, backend
     needs = ctx.needs_input_grad
-    need_input = needs[0] or (norm_scale is not None and (needs[8] or needs[9]))
+    need_input = needs[0] or (norm_scale is not None and (needs[5] or needs[6]))
     need_weight = needs[1]
     grad_x = grad_w = grad_sc = grad_sh = grad_bias = grad_temb = grad_res = None
     if need_input or need_weight:
-        gx, gw, gsc, gsh = _pruned_conv_backward_op(grad_out, x, weight, in_index, out_index, stride, padding,
-                                                    gather_input, norm_scale, norm_shift, out_scale, need_input,
-                                                    need_weight, backend)
+        gx, gw, gsc, gsh = _pruned_conv_backward_op(grad_out, x, weight, stride, padding, norm_scale, norm_shift,
+                                                    out_scale, need_input, need_weight, backend)
         grad_x = gx if needs[0] else None
         grad_w = gw if need_weight else None
-        grad_sc = gsc if norm_scale is not None and needs[8] else None
-        grad_sh = gsh if norm_scale is not None and needs[9] else None
-    if needs[2] or needs[10]:
+        grad_sc = gsc if norm_scale is not None and needs[5] else None
+        grad_sh = gsh if norm_scale is not None and needs[6] else None
+    if needs[2] or needs[7]:
         per_sample = grad_out.sum(dim=(2, 3), dtype=torch.float32 if grad_out.dtype != torch.float64 else None)
         per_sample = per_sample * out_scale
-        if needs[10]:
+        if needs[7]:
             grad_temb = per_sample.to(ctx.temb_dtype)
         if needs[2]:
-            shape, dtype = ctx.bias_shape
-            grad_bias = per_sample.new_zeros(shape).index_add_(0, out_index.long(), per_sample.sum(0)).to(dtype)
-    if needs[11]:
+            grad_bias = per_sample.sum(0).to(ctx.bias_dtype)
+    if needs[8]:
         grad_res = (grad_out * out_scale).to(ctx.residual_dtype)
-    return (grad_x, grad_w, grad_bias, None, None, None, None, None, grad_sc, grad_sh, grad_temb, grad_res, None,
-            None)
+    return grad_x, grad_w, grad_bias, None, None, grad_sc, grad_sh, grad_temb, grad_res, None, None
 
 
 _pruned_conv_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------------------ public API
-def _index(index: Optional[Tensor | Sequence[int]], size: int, device: torch.device, what: str) -> Tensor:
-    if index is None:
-        return torch.arange(size, device=device)
-    index = torch.as_tensor(index, device=device)
-    if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
-        raise SafepruneError(f"{what} must be a 1-D int32/int64 tensor, got {tuple(index.shape)} {index.dtype}")
-    return index
-
-
-def pruned_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, in_index: Optional[Tensor] = None,
-                out_index: Optional[Tensor] = None, *, stride: int = 1, padding: int = 0, gather_input: bool = False,
+def pruned_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, stride: int = 1, padding: int = 0,
                 norm_scale: Optional[Tensor] = None, norm_shift: Optional[Tensor] = None,
                 temb_bias: Optional[Tensor] = None, residual: Optional[Tensor] = None, out_scale: float = 1.0,
                 backend: Optional[str] = None) -> Tensor:
-    """Conv2d of the kept channels of a dense weight, with optional fused prologue and epilogue.
+    """Conv2d of a (pruned, physically sliced) weight with optional fused prologue and epilogue.
 
     Args (shapes as in the module docstring):
-        x: ``[N, K_in, H, W]``, or ``[N, C_in, H, W]`` with ``gather_input=True`` (then channels ``in_index``
-            are read and the rest get a zero gradient).
-        weight: the dense ``[C_out, C_in, k, k]`` weight; bias: its ``[C_out]`` bias or None.
-        in_index / out_index: kept input columns / output rows (int32/int64, no repeats); None = all, in order.
-        norm_scale, norm_shift: ``[N, K_in]`` prologue ``silu(a * scale + shift)`` (see groupnorm_scale_shift).
-        temb_bias: ``[N, K_out]`` added per sample and output channel; residual: ``[N, K_out, Ho, Wo]``.
+        x: ``[N, C_in, H, W]``.
+        weight: the ``[C_out, C_in, k, k]`` weight; bias: its ``[C_out]`` bias or None.
+        norm_scale, norm_shift: ``[N, C_in]`` prologue ``silu(x * scale + shift)`` (see groupnorm_scale_shift).
+        temb_bias: ``[N, C_out]`` added per sample and output channel; residual: ``[N, C_out, Ho, Wo]``.
         out_scale: the sum is multiplied by it (diffusers' ``1 / output_scale_factor``).
         backend: "auto" | "off" | "reference" | "cpp" | "cuda" | "triton"; None = ``$SAFEPRUNE_KERNELS``.
 
-    Returns ``[N, K_out, Ho, Wo]`` in ``x``'s dtype, ``Ho = (H + 2 padding - k) // stride + 1``.
+    Returns ``[N, C_out, Ho, Wo]`` in ``x``'s dtype, ``Ho = (H + 2 padding - k) // stride + 1``.
     """
     if backend is not None:
         dispatch.requested_mode(backend)  # a misspelt backend fails here, not deep inside the op
@@ -412,14 +369,11 @@ def pruned_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, in_ind
         raise SafepruneError(f"pruned_conv needs a square [C_out, C_in, k, k] weight, got {tuple(weight.shape)}")
     if (norm_scale is None) != (norm_shift is None):
         raise SafepruneError("pruned_conv: pass norm_scale and norm_shift together")
-    in_index = _index(in_index, weight.shape[1], x.device, "in_index")
-    out_index = _index(out_index, weight.shape[0], x.device, "out_index")
-    expected = weight.shape[1] if gather_input else in_index.numel()
-    if x.dim() != 4 or x.shape[1] != expected:
-        raise SafepruneError(f"pruned_conv: x must be [N, {expected}, H, W] "
-                             f"({'dense input' if gather_input else 'kept input channels'}), got {tuple(x.shape)}")
-    return _pruned_conv_op(x, weight, bias, in_index, out_index, int(stride), int(padding), bool(gather_input),
-                           norm_scale, norm_shift, temb_bias, residual, float(out_scale), backend or "")
+    if x.dim() != 4 or x.shape[1] != weight.shape[1]:
+        raise SafepruneError(f"pruned_conv: x must be [N, {weight.shape[1]}, H, W] (the weight's input channels), "
+                             f"got {tuple(x.shape)}")
+    return _pruned_conv_op(x, weight, bias, int(stride), int(padding), norm_scale, norm_shift, temb_bias, residual,
+                           float(out_scale), backend or "")
 
 
 class _GroupStats(torch.autograd.Function):
@@ -452,11 +406,11 @@ class _GroupStats(torch.autograd.Function):
 
 
 def groupnorm_scale_shift(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                          eps: float = 1e-5, index: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                          eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     """Per-(sample, channel) ``(scale, shift)`` such that ``groupnorm(x) == x * scale + shift``.
 
     ``x [N, C, H, W]``; ``weight``/``bias`` the GroupNorm's ``[C]`` affine parameters (None = 1 / 0). Returns two
-    ``[N, C]`` tensors (or ``[N, len(index)]`` for the channels ``index``) in float32 (float64 for float64 x),
+    ``[N, C]`` tensors in float32 (float64 for float64 x),
     differentiable with respect to x, weight and bias. The statistics are torch's GroupNorm's own.
     """
     n, c = x.shape[:2]
@@ -471,24 +425,20 @@ def groupnorm_scale_shift(x: Tensor, num_groups: int, weight: Optional[Tensor], 
     beta = bias.to(acc) if bias is not None else torch.zeros(c, dtype=acc, device=x.device)
     scale = rstd_c * gamma
     shift = beta - mean_c * scale
-    if index is not None:
-        scale, shift = scale.index_select(1, index.long()), shift.index_select(1, index.long())
     return scale, shift
 
 
 class PrunedConv2d(nn.Module):
-    """Drop-in for ``nn.Conv2d`` on a pruned or masked sub-network that shares a dense weight.
+    """Drop-in for ``nn.Conv2d`` that runs :func:`pruned_conv` on the conv's own parameters.
 
-    ``PrunedConv2d.from_conv(conv, in_index, out_index)`` reuses ``conv.weight`` / ``conv.bias`` (the same
-    Parameter objects: state dict keys ``weight``/``bias``, optimizers and tied copies see one tensor) and computes
-    ``conv``'s output rows ``out_index`` from its input columns ``in_index`` without copying the weight.
-    ``forward(x, norm_scale=None, norm_shift=None, temb_bias=None, residual=None, out_scale=1.0)`` takes the
-    fused prologue/epilogue of :func:`pruned_conv`. None indices = every channel (a plain conv).
+    ``PrunedConv2d.from_conv(conv)`` reuses ``conv.weight`` / ``conv.bias`` (the same Parameter objects: state
+    dict keys ``weight``/``bias``, optimizers and tied copies see one tensor). ``forward(x, norm_scale=None,
+    norm_shift=None, temb_bias=None, residual=None, out_scale=1.0)`` takes the fused prologue/epilogue of
+    :func:`pruned_conv`; without them it is the plain conv.
     """
 
     def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter] = None, stride: int = 1,
-                 padding: int = 0, in_index: Optional[Tensor] = None, out_index: Optional[Tensor] = None,
-                 gather_input: bool = False, backend: Optional[str] = None):
+                 padding: int = 0, backend: Optional[str] = None):
         super().__init__()
         if weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
             raise SafepruneError(f"PrunedConv2d needs a square [C_out, C_in, k, k] weight, got {tuple(weight.shape)}")
@@ -496,52 +446,30 @@ class PrunedConv2d(nn.Module):
             dispatch.requested_mode(backend)
         self.weight = weight
         self.bias = bias
-        self.gather_input, self.backend = gather_input, backend
-        out_channels, in_channels, k, _ = weight.shape
+        self.backend = backend
+        self.out_channels, self.in_channels, k, _ = weight.shape
         # nn.Conv2d's attributes, for code that reads them off a drop-in (the op needs groups 1, dilation 1)
         self.kernel_size, self.stride, self.padding = (k, k), (int(stride),) * 2, (int(padding),) * 2
         self.dilation, self.groups, self.padding_mode = (1, 1), 1, "zeros"
-        # index buffers are not persistent: the state dict stays the dense conv's (weight, bias)
-        self.register_buffer("in_index", self._checked(in_index, in_channels, "in_index").to(weight.device),
-                             persistent=False)
-        self.register_buffer("out_index", self._checked(out_index, out_channels, "out_index").to(weight.device),
-                             persistent=False)
-        self.in_channels = self.in_index.numel() if not gather_input else in_channels
-        self.out_channels = self.out_index.numel()
-
-    @staticmethod
-    def _checked(index, size: int, what: str) -> Tensor:
-        index = _index(index, size, torch.device("cpu") if index is None else torch.as_tensor(index).device, what)
-        if index.numel() == 0:
-            raise SafepruneError(f"{what} keeps no channel")
-        if int(index.min()) < 0 or int(index.max()) >= size:
-            raise SafepruneError(f"{what} has entries outside [0, {size})")
-        if torch.unique(index).numel() != index.numel():
-            raise SafepruneError(f"{what} repeats a channel (the scattered gradients would collide)")
-        return index.long()
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, in_index: Optional[Tensor] = None, out_index: Optional[Tensor] = None,
-                  gather_input: bool = False, backend: Optional[str] = None) -> "PrunedConv2d":
+    def from_conv(cls, conv: nn.Conv2d, backend: Optional[str] = None) -> "PrunedConv2d":
         """Share ``conv``'s parameters. Raises SafepruneError for what the op does not compute (groups,
         dilation, non-zero padding modes, non-square kernels, strides or paddings)."""
         reasons = unsupported_conv_reasons(conv)
         if reasons:
             raise SafepruneError(f"PrunedConv2d cannot replace {conv}: " + "; ".join(reasons))
-        return cls(conv.weight, conv.bias, conv.stride[0], conv.padding[0], in_index, out_index, gather_input,
-                   backend)
+        return cls(conv.weight, conv.bias, conv.stride[0], conv.padding[0], backend)
 
     def forward(self, x: Tensor, norm_scale: Optional[Tensor] = None, norm_shift: Optional[Tensor] = None,
                 temb_bias: Optional[Tensor] = None, residual: Optional[Tensor] = None, out_scale: float = 1.0) -> Tensor:
-        return pruned_conv(x, self.weight, self.bias, self.in_index, self.out_index, stride=self.stride[0],
-                           padding=self.padding[0], gather_input=self.gather_input, norm_scale=norm_scale,
-                           norm_shift=norm_shift, temb_bias=temb_bias, residual=residual, out_scale=out_scale,
-                           backend=self.backend)
+        return pruned_conv(x, self.weight, self.bias, stride=self.stride[0], padding=self.padding[0],
+                           norm_scale=norm_scale, norm_shift=norm_shift, temb_bias=temb_bias, residual=residual,
+                           out_scale=out_scale, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dense_weight={tuple(self.weight.shape)}, bias={self.bias is not None}, "
-                f"backend={self.backend or 'env/auto'}")
+                f"padding={self.padding}, bias={self.bias is not None}, backend={self.backend or 'env/auto'}")
 
 
 def unsupported_conv_reasons(conv: nn.Conv2d) -> list[str]:
