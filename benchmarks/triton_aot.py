@@ -173,7 +173,7 @@ def _kd_cases(subset: str) -> list[Case]:
     return cases
 
 
-# SD-1.5 convs at 64x64 latents (C_in, C_out, k, stride, H, prologue, temb, residual): resnet conv1 (GN+SiLU
+# SD-1.5 convs at 64x64 latents (label, C_in, C_out, k, stride, H, prologue, temb, residual): resnet conv1 (GN+SiLU
 # prologue, time-embedding bias), conv2 (prologue, residual), the 1x1 shortcut, a downsampler, conv_out
 SD15_CONV = [
     ("resnet conv1", 320, 320, 3, 1, 64, True, True, False),
@@ -185,7 +185,7 @@ SD15_CONV = [
     ("downsample", 320, 320, 3, 2, 64, False, False, False),
     ("conv_out", 320, 4, 3, 1, 64, True, False, False),
 ]
-# pruned resnets: conv1 keeps K_out of its outputs, conv2 reads them (pruned widths 160/200/480/960)
+# pruned resnets (students are sliced): conv1 writes the pruned inner width, conv2 reads it (160/200/480/960)
 PRUNED_CONV = [
     ("pruned conv1", 320, 160, 3, 1, 64, True, True, False),
     ("pruned conv2", 200, 320, 3, 1, 64, True, False, True),
@@ -201,32 +201,33 @@ def _conv_cases(subset: str) -> list[Case]:
     from safeprune_engine.ops import pruned_conv as glue
 
     table = DEFAULT_CONV if subset == "default" else SD15_CONV + PRUNED_CONV
-    dtypes = ["bfloat16"] if subset == "default" else list(DTYPES)
+    # "float32 exact": fp32 with TF32 off (torch.backends.cudnn.allow_tf32 = False), the IEEE tl.dot path
+    dtypes = ["bfloat16"] if subset == "default" else list(DTYPES) + ["float32 exact"]
     cases = []
     for spec, dtype in itertools.product(table, dtypes):
-        label, c_in, k_out, k, stride, h, prologue, temb, residual = spec
+        label, c_in, c_out, k, stride, h, prologue, temb, residual = spec
 
-        def run(c_in=c_in, k_out=k_out, k=k, stride=stride, h=h, prologue=prologue, temb=temb, residual=residual,
-                dtype=DTYPES[dtype]):
+        def run(c_in=c_in, c_out=c_out, k=k, stride=stride, h=h, prologue=prologue, temb=temb, residual=residual,
+                dtype=DTYPES[dtype.split()[0]], exact=dtype.endswith("exact")):
             backend = _backend("pruned_conv")
             ho = glue.output_size(h, k, stride, k // 2)
             x = torch.empty(BATCH, c_in, h, h, device="cuda", dtype=dtype)
-            weight = torch.empty(k_out, c_in, k, k, device="cuda", dtype=dtype)
-            bias = torch.empty(k_out, device="cuda", dtype=dtype)
-            in_index = torch.arange(c_in, device="cuda")
-            out_index = torch.arange(k_out, device="cuda")
+            weight = torch.empty(c_out, c_in, k, k, device="cuda", dtype=dtype)
+            bias = torch.empty(c_out, device="cuda", dtype=dtype)
             sc = sh = None
             if prologue:
                 sc = torch.empty(BATCH, c_in, device="cuda", dtype=torch.float32)
                 sh = torch.empty_like(sc)
-            t = torch.empty(BATCH, k_out, device="cuda", dtype=dtype) if temb else None
-            r = torch.empty(BATCH, k_out, ho, ho, device="cuda", dtype=dtype) if residual else None
-            args = (x, weight, bias, in_index, out_index, stride, k // 2, False, sc, sh, t, r, 1.0)
-            out = backend.forward(*args)
-            backend.backward(torch.empty_like(out), x, weight, in_index, out_index, stride, k // 2, False, sc, sh,
-                             1.0, True, True)
+            t = torch.empty(BATCH, c_out, device="cuda", dtype=dtype) if temb else None
+            r = torch.empty(BATCH, c_out, ho, ho, device="cuda", dtype=dtype) if residual else None
+            tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, not exact
+            try:
+                out = backend.forward(x, weight, bias, stride, k // 2, sc, sh, t, r, 1.0)
+                backend.backward(torch.empty_like(out), x, weight, stride, k // 2, sc, sh, 1.0, True, True)
+            finally:
+                torch.backends.cudnn.allow_tf32 = tf32
         extras = "+".join(n for n, on in (("prologue", prologue), ("temb", temb), ("residual", residual)) if on)
-        name = f"{label} {c_in}->{k_out} k{k} s{stride} @{h}x{h}" + (f" [{extras}]" if extras else "")
+        name = f"{label} {c_in}->{c_out} k{k} s{stride} @{h}x{h}" + (f" [{extras}]" if extras else "")
         cases.append(Case("pruned_conv", name, dtype, run))
     return cases
 
