@@ -4,8 +4,9 @@ For every case (op, shape, dtype, mode) each provider is timed: our backends (CP
 "torch_eager" (the unfused torch code a diffusers UNet runs), "torch_compile" (the same code through
 torch.compile, where --compile allows), and reference points ("copy": a torch copy of the case's bytes, the bound
 for an elementwise op; on CPU "torch_eager_inplace" for GroupNorm + SiLU with an in-place SiLU). Each result has the
-median time, the first call's time (a cold compile lands there), achieved GB/s over the op's minimal traffic and over the traffic of our kernels, TFLOP/s, and their
-fractions of the device ceilings measured in the same run (a large copy's bandwidth, a large matmul's throughput).
+median time, the first call's time (a cold compile lands there), achieved GB/s over the op's minimal traffic and
+over the traffic of our kernels, TFLOP/s, and their fractions of the device ceilings measured in the same run (a
+large copy's bandwidth, a large matmul's throughput).
 JSON goes to benchmarks/results/fused_ops-<cpu|cuda>.json (--out to change).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/fused_ops.py              # CPU: batch 1-2, a few shapes (~3 min)

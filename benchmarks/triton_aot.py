@@ -488,7 +488,8 @@ def summary(result: dict) -> dict:
         entry["max_spill_bytes"] = max(entry["max_spill_bytes"], k["spill_bytes"])
         entry["spilling_cases"] += bool(k["spill_bytes"])
     done = [k for k in result["compiles"] if k is not None]
-    return {"kernels": per, "low_precision_spills": spilling(result), "fp32_spills": spilling(result, ("float32",)),
+    return {"kernels": per, "low_precision_spills": spilling(result),
+            "fp32_spills": spilling(result, ("float32", "float32 exact")),
             "compiles": len(done), "compile_s_total": round(sum(k["compile_s"] for k in done), 1)}
 
 
