@@ -118,7 +118,7 @@ record bench "${PIPESTATUS[0]}" $((SECONDS - t))
 step "AOT compile for sm_90: registers and spills"
 wait "$AOT_PID"
 rc=$(cat "$BUILD/aot_rc" 2>/dev/null || echo 1)
-grep -A80 "compiles in" "$DEST/gpu_check_aot.log" || tail -20 "$DEST/gpu_check_aot.log"
+grep -A80 "distinct kernels compiled" "$DEST/gpu_check_aot.log" || tail -20 "$DEST/gpu_check_aot.log"
 record aot "$rc" $((SECONDS - t0))
 rm -rf "$BUILD"
 
