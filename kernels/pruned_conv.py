@@ -7,9 +7,11 @@ weight tile straight from the weight. Plain launchers, no autograd (ops/pruned_c
 Shapes: ``x [N, C_in, H, W]``; ``weight [C_out, C_in, k, k]``; output ``[N, C_out, Ho, Wo]``. Any strides for
 ``x``/``grad_out``; ``weight`` contiguous.
 
-Precision: operands go to ``tl.dot`` in the input dtype on a GPU (fp32 accumulate; fp32 inputs use TF32 exactly
-when torch allows it for cuDNN convs, ``torch.backends.cudnn.allow_tf32``), and as fp32 under the interpreter,
-whose bf16 dots are wrong.
+Precision: operands go to ``tl.dot`` in the input dtype on a GPU (fp32 accumulate), and as fp32 under the
+interpreter, whose bf16 dots are wrong. fp32 inputs on a GPU take ``input_precision="tf32"`` when the caller
+passes ``allow_tf32`` (ops/pruned_conv.py passes torch's cuDNN switch, ``torch.backends.cudnn.allow_tf32``, and
+then auto picks these kernels), else ``"ieee"`` (exact, no tensor cores: only a forced ``backend="triton"`` runs
+it; auto sends fp32 to cuDNN then).
 """
 from __future__ import annotations
 
@@ -88,7 +90,7 @@ def _pruned_conv_fwd_kernel(
                 if IEEE:
                     acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision="ieee")
                 else:
-                    acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+                    acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision="tf32")
     if HAS_BIAS:
         acc += tl.load(bias_ptr + orow, mask=o_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_TEMB:
@@ -144,7 +146,7 @@ def _pruned_conv_grad_input_kernel(
                 if IEEE:
                     acc += tl.dot(g.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision="ieee")
                 else:
-                    acc += tl.dot(g.to(DOT_DTYPE), b.to(DOT_DTYPE))
+                    acc += tl.dot(g.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision="tf32")
     acc = acc * out_scale
     offs = (n0.to(tl.int64) * sxn + h * sxh + w * sxw)[:, None] + (col * sxc)[None, :]
     mask = row_ok[:, None] & c_ok[None, :]
@@ -202,7 +204,7 @@ def _pruned_conv_grad_weight_kernel(
         if IEEE:
             acc += tl.dot(g.to(DOT_DTYPE), a.to(DOT_DTYPE), input_precision="ieee")
         else:
-            acc += tl.dot(g.to(DOT_DTYPE), a.to(DOT_DTYPE))
+            acc += tl.dot(g.to(DOT_DTYPE), a.to(DOT_DTYPE), input_precision="tf32")
     acc = acc * out_scale
     offs = (o.to(tl.int64)[:, None] * C_in + c[None, :]) * (KS * KS) + tap
     mask = o_ok[:, None] & c_ok[None, :]
@@ -219,10 +221,11 @@ def _dot_dtype(dtype: torch.dtype):
     return tl.float16 if dtype == torch.float16 else tl.bfloat16
 
 
-def _ieee(dtype: torch.dtype) -> bool:
-    """Exact fp32 dots: fp32 operands unless torch allows cuDNN's convs TF32 (then ours use it too, on a GPU).
-    fp16/bf16 operands take the default precision (the flag is for fp32 operands only)."""
-    tf32 = dtype == torch.float32 and not _INTERPRET and torch.backends.cudnn.allow_tf32
+def _ieee(dtype: torch.dtype, allow_tf32: bool) -> bool:
+    """Exact fp32 dots: fp32 operands (fp32 inputs, or any input under the interpreter) unless fp32 inputs may
+    use TF32 on a GPU. fp16/bf16 operands ignore the setting (it is for fp32 operands only); the "tf32" they are
+    given explicitly keeps a TRITON_F32_DEFAULT override from changing what fp32 inputs get."""
+    tf32 = dtype == torch.float32 and not _INTERPRET and allow_tf32
     return _dot_dtype(dtype) == tl.float32 and not tf32
 
 
@@ -255,9 +258,11 @@ def _geometry(x, weight, stride, padding):
     return n, h, w, k, ho, wo
 
 
-def forward(x, weight, bias, stride, padding, norm_scale, norm_shift, temb_bias, residual, out_scale):
+def forward(x, weight, bias, stride, padding, norm_scale, norm_shift, temb_bias, residual, out_scale, *,
+            allow_tf32: bool):
     """Output ``[N, C_out, Ho, Wo]`` in x's dtype. ``norm_scale/norm_shift [N, C_in]`` fp32 or None;
-    ``bias [C_out]`` or None; ``temb_bias [N, C_out]`` or None; ``residual [N, C_out, Ho, Wo]`` or None."""
+    ``bias [C_out]`` or None; ``temb_bias [N, C_out]`` or None; ``residual [N, C_out, Ho, Wo]`` or None;
+    ``allow_tf32``: fp32 inputs may use TF32 (see the module docstring)."""
     n, h, w, k, ho, wo = _geometry(x, weight, stride, padding)
     c_out, c_in = weight.shape[0], weight.shape[1]
     weight = weight.contiguous()
@@ -275,12 +280,13 @@ def forward(x, weight, bias, stride, padding, norm_scale, norm_shift, temb_bias,
         *x.stride(), h, w, ho, wo, c_in, c_out, float(out_scale),
         STRIDE=stride, PAD=padding, KS=k, PROLOGUE=norm_scale is not None,
         HAS_BIAS=bias is not None, HAS_TEMB=temb_bias is not None, HAS_RES=residual is not None,
-        DOT_DTYPE=_dot_dtype(x.dtype), IEEE=_ieee(x.dtype), BM=bm, BN=bn, BK=bk, num_warps=_num_warps(bm, bn),
+        DOT_DTYPE=_dot_dtype(x.dtype), IEEE=_ieee(x.dtype, allow_tf32), BM=bm, BN=bn, BK=bk,
+        num_warps=_num_warps(bm, bn),
     )
     return out
 
 
-def grad_input(grad_out, x, weight, stride, padding, norm_scale, norm_shift, out_scale):
+def grad_input(grad_out, x, weight, stride, padding, norm_scale, norm_shift, out_scale, *, allow_tf32: bool):
     """``(grad_x, grad_norm_scale, grad_norm_shift)``: grad_x like ``x``; the norm gradients ``[N, C_in]`` fp32,
     or empty tensors without a prologue."""
     n, h, w, k, ho, wo = _geometry(x, weight, stride, padding)
@@ -299,13 +305,13 @@ def grad_input(grad_out, x, weight, stride, padding, norm_scale, norm_shift, out
         grad_x, *grad_out.stride(), *x.stride(),
         h, w, ho, wo, c_in, c_out, float(out_scale),
         STRIDE=stride, PAD=padding, KS=k, PROLOGUE=prologue,
-        DOT_DTYPE=_dot_dtype(x.dtype), IEEE=_ieee(x.dtype), BM=bm, BN=bn, BK=bk,
+        DOT_DTYPE=_dot_dtype(x.dtype), IEEE=_ieee(x.dtype, allow_tf32), BM=bm, BN=bn, BK=bk,
         num_warps=_num_warps(bm, bn),
     )
     return grad_x, grad_scale, grad_shift
 
 
-def grad_weight(grad_out, x, weight, stride, padding, norm_scale, norm_shift, out_scale):
+def grad_weight(grad_out, x, weight, stride, padding, norm_scale, norm_shift, out_scale, *, allow_tf32: bool):
     """``[C_out, C_in, k, k]`` gradient in the weight's dtype."""
     n, h, w, k, ho, wo = _geometry(x, weight, stride, padding)
     c_out, c_in = weight.shape[0], weight.shape[1]
@@ -327,7 +333,7 @@ def grad_weight(grad_out, x, weight, stride, padding, norm_scale, norm_shift, ou
         grad_w32, *grad_out.stride(), *x.stride(),
         n, h, w, ho, wo, c_in, c_out, float(out_scale), per_split,
         STRIDE=stride, PAD=padding, KS=k, PROLOGUE=norm_scale is not None,
-        ATOMIC=splits > 1, DOT_DTYPE=_dot_dtype(x.dtype), IEEE=_ieee(x.dtype), BM=bm, BN=bn, BK=bk,
+        ATOMIC=splits > 1, DOT_DTYPE=_dot_dtype(x.dtype), IEEE=_ieee(x.dtype, allow_tf32), BM=bm, BN=bn, BK=bk,
         num_warps=_num_warps(bm, bn),
     )
     return grad_w32.to(weight.dtype)

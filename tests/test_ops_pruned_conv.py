@@ -214,6 +214,33 @@ def test_gpu_tf32_follows_torch_switch(backend):
     assert err <= 5e-3 * expected.abs().max().item()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_forward_and_backward_never_wait_on_the_device(backend, dtype):
+    """The op's glue reads no tensor values on the host: torch's sync debug mode raises on any device->host
+    synchronisation during a forward and backward (prologue and every epilogue term)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    inputs = make_inputs(CASES[2], dtype, "cuda", seed=17)
+    skip_unless_available(backend, inputs["x"], inputs["weight"])
+    leaves = list(differentiable(inputs).values())
+
+    def step():
+        args = dict(inputs)
+        out = pruned_conv(args.pop("x"), args.pop("weight"), args.pop("bias"), backend=backend, **args)
+        return torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+    step()  # compile and load once, outside the check
+    torch.cuda.synchronize()
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        grads = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
+    assert len(grads) == len(leaves) and all(bool(torch.isfinite(g).all()) for g in grads)
+
+
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_cpp_lower_instruction_sets_match(isa, monkeypatch):
     """Every ISA copy of the C++ micro-kernels (SAFEPRUNE_CPU_ISA forces a lower one) computes the same op."""
@@ -362,28 +389,77 @@ def _on_cuda(*shapes, dtype=torch.float32):
         return [torch.empty(shape, dtype=dtype, device="cuda") for shape in shapes]
 
 
-def test_auto_dispatch_picks_the_cuda_conv_for_cuda_inputs_and_skips_cpp_only_on_cpu(monkeypatch):
-    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+def _declare_built(monkeypatch, *names):
+    """Declare the named GPU backends built and a device visible (this machine may have neither): what remains
+    is what the inputs decide."""
+    backends = dispatch._backends(OP)
+    for name in names:
+        monkeypatch.setattr(type(backends[name]), "static_reasons", lambda self: [])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_cuda_inputs_get_a_cuda_capable_backend_without_cpu_derived_skips(dtype, monkeypatch):
+    """The cpp skip (slower than oneDNN, a CPU measurement) must not reach CUDA inputs: auto picks the CUDA conv
+    when it is built, else Triton, never the reference for these inputs (fp32 under torch's default TF32)."""
+    torch.backends.cudnn.allow_tf32 = True  # torch's default; the autouse fixture restores the test setting
     backends = dispatch._backends(OP)
     assert list(dispatch.available_backends(OP)) == ["cuda", "triton", "cpp", "reference"]
-    cuda, cpp = backends["cuda"], backends["cpp"]
+    x, w, temb = _on_cuda((2, 5, 7, 7), (6, 5, 3, 3), (2, 6), dtype=dtype)
+    assert x.device.type == "cuda"
+    for name in ("cuda", "triton"):
+        assert backends[name].auto_skip_reasons(x, w) == [], name
+        assert backends[name].auto_skip_reasons(x, w, None, 1, 1, None, None, temb) == [], name
+    # the only things that can keep auto from a GPU kernel hold for any input: not built, no device
+    assert backends["cuda"].not_supported_reasons(x, w) == backends["cuda"].static_reasons()
+    assert backends["triton"].not_supported_reasons(x, w) == backends["triton"].static_reasons()
+    assert any("tensors on cuda, needs cpu" in r for r in dispatch.available_backends(OP, x, w)["cpp"])
+    _declare_built(monkeypatch, "cuda", "triton")
+    assert dispatch.choose(OP, x, w).name == "cuda"
+    assert dispatch.choose(OP, x, w, backend="auto").name == "cuda"
+    # the backward's choice (grad_out as a keyword) is the same
+    assert dispatch.choose(OP, x, w, grad_out=_on_cuda((2, 6, 7, 7), dtype=dtype)[0]).name == "cuda"
+    monkeypatch.setattr(type(backends["cuda"]), "static_reasons", lambda self: ["not built"])
+    assert dispatch.choose(OP, x, w).name == "triton"
 
-    # CUDA inputs: the CPU measurement (cpp slower than oneDNN) says nothing about them
-    xc, wc = _on_cuda((1, 4, 5, 5), (4, 4, 3, 3))
-    assert xc.device.type == "cuda"
-    assert cuda.auto_skip_reasons(xc, wc) == [] and cpp.auto_skip_reasons(xc, wc) == []
-    # the only thing that can keep auto from the CUDA conv is what holds for any input: library not built,
-    # CPU-only torch, no device
-    assert cuda.not_supported_reasons(xc, wc) == cuda.static_reasons()
-    if cuda.static_reasons():  # not built here: declare it built, the inputs decide the rest
-        monkeypatch.setattr(type(cuda), "static_reasons", lambda self: [])
-    assert dispatch.choose(OP, xc, wc).name == "cuda"
-    assert dispatch.choose(OP, xc, wc, backend="auto").name == "cuda"
-    assert any("tensors on cuda, needs cpu" in r for r in dispatch.available_backends(OP, xc, wc)["cpp"])
-    monkeypatch.undo()
-    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
 
-    # CPU inputs: auto passes the C++ conv over with its measured reason, forcing it still runs it
+def test_fp32_on_gpu_without_tf32_goes_to_cudnn_under_auto(monkeypatch):
+    """fp32 CUDA inputs: the GPU kernels use TF32 when torch lets cuDNN's convs use it; when it does not, their
+    exact fp32 products (no tensor cores) are not chosen by auto, the reference (cuDNN) runs. Forcing still runs
+    them, and half-precision inputs are unaffected."""
+    backends = dispatch._backends(OP)
+    _declare_built(monkeypatch, "cuda", "triton")
+    x, w = _on_cuda((1, 4, 6, 6), (8, 4, 3, 3))
+    xb, wb = _on_cuda((1, 4, 6, 6), (8, 4, 3, 3), dtype=torch.bfloat16)
+
+    torch.backends.cudnn.allow_tf32 = False  # (the autouse fixture restores it)
+    for name in ("cuda", "triton"):
+        skip = backends[name].auto_skip_reasons(x, w)
+        assert len(skip) == 1 and "TF32" in skip[0] and "cudnn.allow_tf32" in skip[0], (name, skip)
+        assert backends[name].auto_skip_reasons(xb, wb) == [], name
+        assert dispatch.choose(OP, x, w, backend=name).name == name  # forced: runs the exact path
+    assert dispatch.choose(OP, x, w).name == "reference"
+    assert dispatch.choose(OP, x, w, grad_out=_on_cuda((1, 8, 6, 6))[0]).name == "reference"
+    assert dispatch.choose(OP, xb, wb).name == "cuda"
+    # CPU fp32 is not the GPU rule's business (cpp keeps its own measured reason, triton never runs under auto)
+    assert backends["triton"].auto_skip_reasons(torch.randn(1, 4, 6, 6), torch.randn(8, 4, 3, 3)) == []
+
+    torch.backends.cudnn.allow_tf32 = True
+    assert backends["cuda"].auto_skip_reasons(x, w) == backends["triton"].auto_skip_reasons(x, w) == []
+    assert dispatch.choose(OP, x, w).name == "cuda"
+    # the switch is cuDNN's (convolutions), not the matmul one
+    old_matmul = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert dispatch.choose(OP, x, w).name == "cuda"
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert dispatch.choose(OP, x, w).name == "reference"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old_matmul
+
+
+def test_auto_skips_the_cpp_conv_only_on_cpu(monkeypatch):
+    cpp = dispatch._backends(OP)["cpp"]
     x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)
     table = dispatch.available_backends(OP, x, w)
     assert any("cuda" in r for r in table["cuda"])

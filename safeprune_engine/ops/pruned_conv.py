@@ -20,7 +20,10 @@ weight) run in the chosen backend as ``torch.ops.safeprune.pruned_conv_backward`
 Backends (``safeprune_engine.ops.dispatch``): reference (torch: F.conv2d), cpp (csrc/pruned_conv_cpu.cpp, CPU,
 fp32/fp64/fp16/bf16), cuda (csrc/pruned_conv.cu, fp32/fp16/bf16), triton (kernels/pruned_conv.py,
 fp32/fp16/bf16). A backend is chosen per call (forward and backward separately) from the ``backend`` argument,
-else ``$SAFEPRUNE_KERNELS``, else auto.
+else ``$SAFEPRUNE_KERNELS``, else auto. fp32 on a GPU follows cuDNN's switch for convolutions,
+``torch.backends.cudnn.allow_tf32`` (on by default): when it is on the cuda and triton kernels use TF32 tensor
+cores as cuDNN would; when it is off they would run exact fp32 products, slower than cuDNN's, so auto passes
+them over for fp32 CUDA inputs and the reference (cuDNN) runs; forcing either backend still runs its exact path.
 """
 from __future__ import annotations
 
@@ -102,6 +105,24 @@ def _reference_backward(grad_out, x, weight, stride, padding, norm_scale, norm_s
 
 
 # ------------------------------------------------------------------------------------------------------ backends
+def gpu_tf32_allowed() -> bool:
+    """Whether fp32 convolutions on a GPU may use TF32 tensor cores: torch's switch for cuDNN's convolutions
+    (``torch.backends.cudnn.allow_tf32``, on by default), the library the reference's conv runs in. The cuda
+    and triton kernels follow it (the CUDA glue reads the same flag, ``allowTF32CuDNN``)."""
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+def exact_fp32_gpu_reasons(*args, **kwargs) -> list[str]:
+    """Auto-skip reason of the GPU kernels for fp32 CUDA inputs while TF32 is not allowed: their exact fp32
+    products (scalar FMA tiles, IEEE ``tl.dot``) do not use tensor cores, where cuDNN's exact fp32 conv is the
+    better kernel, so auto leaves fp32 to the reference. Forcing the backend still runs its exact path."""
+    x = args[0] if args else kwargs.get("x")
+    if not isinstance(x, Tensor) or x.device.type != "cuda" or x.dtype != torch.float32 or gpu_tf32_allowed():
+        return []
+    return ["fp32 inputs with TF32 disallowed (torch.backends.cudnn.allow_tf32 is False): the kernel's exact fp32 "
+            "products skip the tensor cores, so cuDNN's conv (the reference) runs them; force the backend to use it"]
+
+
 class PrunedConvBackend(dispatch.Backend, abc.ABC):
     """One implementation: ``__call__`` is the forward; ``backward`` gives the input and weight products."""
 
@@ -197,7 +218,8 @@ class CppBackend(_NativeBackend):
 
 
 class CudaBackend(_NativeBackend):
-    """No auto-skip reason: nothing has measured it slower than the reference on a GPU."""
+    """Auto passes it over only for fp32 without TF32 (its exact fp32 path is scalar FMAs): nothing has measured
+    its tensor-core paths slower than the reference on a GPU."""
 
     name = "cuda"
     device_types = ("cuda",)
@@ -205,6 +227,9 @@ class CudaBackend(_NativeBackend):
 
     def static_reasons(self):
         return native.native_reasons(NATIVE_OPS, "CUDA")
+
+    def auto_skip_reasons(self, *args, **kwargs):
+        return exact_fp32_gpu_reasons(*args, **kwargs)
 
 
 class TritonBackend(_KernelBackend):
@@ -221,6 +246,9 @@ class TritonBackend(_KernelBackend):
             reasons.append("tensors on different devices: " + ", ".join(sorted({str(t.device) for t in tensors})))
         return reasons
 
+    def auto_skip_reasons(self, *args, **kwargs):
+        return exact_fp32_gpu_reasons(*args, **kwargs)
+
     @staticmethod
     def _kernels():
         return importlib.import_module(TRITON_MODULE)
@@ -234,18 +262,20 @@ class TritonBackend(_KernelBackend):
         res = None if residual is None else residual.to(x.dtype)
         b = None if bias is None else bias.to(x.dtype).contiguous()
         return self._kernels().forward(x, weight, b, stride, padding, self._fp32(norm_scale), self._fp32(norm_shift),
-                                       temb, res, out_scale)
+                                       temb, res, out_scale, allow_tf32=gpu_tf32_allowed())
 
     def backward(self, grad_out, x, weight, stride, padding, norm_scale, norm_shift, out_scale, need_input,
                  need_weight):
         kernels = self._kernels()
         sc, sh = self._fp32(norm_scale), self._fp32(norm_shift)
+        tf32 = gpu_tf32_allowed()
         grad_x = grad_sc = grad_sh = grad_w = None
         grad_out = grad_out.to(x.dtype)
         if need_input:
-            grad_x, grad_sc, grad_sh = kernels.grad_input(grad_out, x, weight, stride, padding, sc, sh, out_scale)
+            grad_x, grad_sc, grad_sh = kernels.grad_input(grad_out, x, weight, stride, padding, sc, sh, out_scale,
+                                                          allow_tf32=tf32)
         if need_weight:
-            grad_w = kernels.grad_weight(grad_out, x, weight, stride, padding, sc, sh, out_scale)
+            grad_w = kernels.grad_weight(grad_out, x, weight, stride, padding, sc, sh, out_scale, allow_tf32=tf32)
         return grad_x, grad_w, grad_sc, grad_sh
 
 
