@@ -4,10 +4,12 @@
 # gets one line per step (name, exit status, seconds). A failing step is reported and the next one still runs.
 #
 #   step                                   cap    estimate (H100, cold; GPU work from FLOPs/bytes)
-#   1. end-to-end step comparison (GPU)    150 s  benchmarks/step.py --quick: GPU work a few s (mini-SD UNet, a
-#                                                 few GFLOP per image, launch-bound steps of ~10 ms); the wall time
-#                                                 is 3 variant processes' start-up, model build and cold Triton
-#                                                 compiles (~30-45 s each)
+#   1. end-to-end step comparison (GPU)    180 s  benchmarks/step.py --quick (variants a, b, k, c; 1 warmup + 3
+#                                                 timed steps, one process each): GPU work < 5 s (mini-SD UNet at
+#                                                 128 px, ~3 GFLOP per image forward, ~0.1-0.2 TFLOP per batch-16
+#                                                 step: launch-bound, tens of ms); the wall time is 4 processes'
+#                                                 start-up and model build (~15 s each) plus (a)'s cold Triton
+#                                                 compiles and auto's one-time backend timing (~30-60 s)
 #      background, nice 10, from t=0:
 #      build of the CPU + CUDA extensions  200 s  CPU only (nvcc for sm_90, 4 jobs x 2 threads): ~60-120 s; built
 #                                                 out of tree and copied in after step 1, so the step's processes
@@ -22,7 +24,7 @@
 #                                                 at batch 8 (up to 0.38 TFLOP fwd: ~1 ms at ~500 TFLOP/s bf16) x
 #                                                 fwd / fwd+bwd x 3-4 providers x >= 0.05 s timing: ~20-30 s of
 #                                                 GPU time + conv Triton compiles (~30 kernels, ~60 s)
-#   worst case: max(150, 200) + 20 + 110 + 120 = 450 s.
+#   worst case: max(180, 200) + 20 + 110 + 120 = 450 s.
 #
 # Step 1 runs before this run's build: its fused ops take the Triton backend (auto dispatch) unless a CUDA
 # extension built by an earlier run is already in the tree. Results and logs go to $OUT when set, else
@@ -67,7 +69,7 @@ AOT_PID=$!
 # ---- 1. the end-to-end step comparison, first ---------------------------------------------------------------
 step "end-to-end step comparison: benchmarks/step.py --device cuda --mixed-precision bf16 --quick"
 t=$SECONDS
-timeout 150 "$PY" benchmarks/step.py --device cuda --mixed-precision bf16 --quick --out "$DEST/step-cuda.json" \
+timeout 180 "$PY" benchmarks/step.py --device cuda --mixed-precision bf16 --quick --out "$DEST/step-cuda.json" \
   2>&1 | tee "$DEST/gpu_check_step.log" | tail -40
 record step "${PIPESTATUS[0]}" $((SECONDS - t))
 
