@@ -101,11 +101,12 @@ tests=(tests/test_dispatch.py tests/test_native_build.py tests/test_ops_groupnor
 if [ -f tests/test_patching.py ] && "$PY" -c "import diffusers" 2>/dev/null; then
   tests+=(tests/test_patching.py)
 fi
-# the build step compiled the CUDA sources and glue already (the compile-only nvcc checks run on CPU machines); xdist
-# workers compile Triton kernels in parallel
+# the build step compiled the CUDA sources and glue already (the compile-only nvcc checks run on CPU
+# machines); xdist workers compile Triton kernels in parallel
+skip="not nvcc_alone and not type_checks_against_torch_headers"
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
-timeout 110 "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" -k "not nvcc_alone and not type_checks_against_torch_headers" "${tests[@]}" 2>&1 \
+timeout 110 "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" -k "$skip" "${tests[@]}" 2>&1 \
   | tee "$DEST/gpu_check_tests.log" | tail -40
 record tests "${PIPESTATUS[0]}" $((SECONDS - t))
 
