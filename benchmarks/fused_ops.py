@@ -4,12 +4,14 @@ For every case (op, shape, dtype, mode) each provider is timed: our backends (CP
 "torch_eager" (the unfused torch code a diffusers UNet runs), "torch_compile" (the same code through
 torch.compile, where --compile allows), and reference points ("copy": a torch copy of the case's bytes, the bound
 for an elementwise op; on CPU "torch_eager_inplace" for GroupNorm + SiLU with an in-place SiLU). Each result has the
-median time, achieved GB/s over the op's minimal traffic and over the traffic of our kernels, TFLOP/s, and their
-fractions of the device ceilings measured in the same run (a large copy's bandwidth, a large matmul's throughput).
+median time, the first call's time (a cold compile lands there), achieved GB/s over the op's minimal traffic and
+over the traffic of our kernels, TFLOP/s, and their fractions of the device ceilings measured in the same run (a
+large copy's bandwidth, a large matmul's throughput).
 JSON goes to benchmarks/results/fused_ops-<cpu|cuda>.json (--out to change).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/fused_ops.py              # CPU: batch 1-2, a few shapes (~3 min)
     python benchmarks/fused_ops.py --device cuda                           # GPU: batch 1, 8, 32, all shapes
+    python benchmarks/fused_ops.py --device cuda --quick                   # GPU headline cases (gpu_check.sh)
 
 Adding an op: write `<op>_cases(device, quick) -> list[Case]` below next to
 `groupnorm_silu_cases`: one Case per (shape, dtype, mode) with `setup(device)` returning {provider: zero-argument
@@ -17,7 +19,7 @@ callable} (build inputs once inside setup; each callable runs the op, forward or
 minimal bytes moved and the bytes our kernels move, and its FLOPs (2 per multiply-add for a convolution); then add
 the function to CASE_BUILDERS. Provider names: our backends by their dispatch names ("cpp", "triton", "cuda"),
 baselines "torch_eager" / "torch_compile" (e.g. a cuDNN F.conv2d of the pruned shape). The summary's speedups are
-eager time / provider time and compile time / provider time.
+eager time / provider time and compile time / provider time; "<ours>_vs_copy" is copy time / our time.
 """
 from __future__ import annotations
 
@@ -134,7 +136,11 @@ def groupnorm_silu_cases(device: torch.device, quick: bool) -> list[Case]:
         shapes += [(8, 320, 64, 64, 32, True), (8, 640, 32, 32, 32, True)]
         dtypes = [torch.bfloat16, torch.float32]
         compiled = {(8, *s, False) for s in SD15_GN}  # compile costs seconds per shape: batch 8 stands for all
-    if quick:
+    if quick and device.type == "cuda":
+        # the headline: SD-1.5's four GroupNorm+SiLU shapes and one pruned width, batch 8, bf16, one compiled
+        shapes = [(8, *s, False) for s in SD15_GN + PRUNED_GN[:1]]
+        dtypes, compiled = [torch.bfloat16], {(8, *SD15_GN[0], False)}
+    elif quick:
         shapes = shapes[:2]
     cases = []
     for n, c, h, w, groups, channels_last in shapes:
@@ -196,7 +202,7 @@ def distill_loss_cases(device: torch.device, quick: bool) -> list[Case]:
     batches = [1, 2] if device.type == "cpu" else [1, 8, 32]
     dtypes = [(torch.float32, torch.bfloat16)] + ([(torch.float32, torch.float32)] if device.type == "cuda" else [])
     if quick:
-        batches = batches[:1]
+        batches = [8] if device.type == "cuda" else batches[:1]
     cases = []
     per_image = sum(c * h * w for c, h, w in SD15_KD)
     for n in batches:
@@ -296,7 +302,9 @@ def pruned_conv_cases(device: torch.device, quick: bool) -> list[Case]:
         plan += [(8, spec, torch.bfloat16) for spec in PRUNED_CONV[2:]]
         plan += [(8, PRUNED_CONV[0], torch.float32)]
         compiled = {(8, PRUNED_CONV[0][0], fused, "forward") for fused in (False, True)}
-    if quick:
+    if quick and device.type == "cuda":  # every pruned layer against cuDNN on its pruned shape, batch 8, bf16
+        plan, compiled = [(8, spec, torch.bfloat16) for spec in PRUNED_CONV], set()
+    elif quick:
         plan = plan[:2]
     cases = []
     for n, spec, dtype in plan:
@@ -329,8 +337,14 @@ CASE_BUILDERS = [groupnorm_silu_cases, distill_loss_cases, pruned_conv_cases]
 
 # ---- timing and ceilings ------------------------------------------------------------------------------------
 def time_fn(fn: Callable[[], object], device: torch.device, min_time_s: float) -> dict:
-    """Median and min seconds per call: warm up, then timed batches of calls until min_time_s has passed."""
-    for _ in range(3):
+    """Median and min seconds per call: warm up, then timed batches of calls until min_time_s has passed.
+    first_call_s: the first call's wall time (a cold Triton or torch.compile compile lands there)."""
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    first_call_s = time.perf_counter() - t0
+    for _ in range(2):
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -358,7 +372,8 @@ def time_fn(fn: Callable[[], object], device: torch.device, min_time_s: float) -
             t0 = time.perf_counter()
             fn()
             samples.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(samples), "min_s": min(samples), "samples": len(samples)}
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "samples": len(samples),
+            "first_call_s": first_call_s}
 
 
 def measure_ceilings(device: torch.device, min_time_s: float) -> dict:
@@ -395,6 +410,7 @@ def run_case(case: Case, device: torch.device, ceilings: dict, min_time_s: float
         seconds = t["median_s"]
         case.results[name] = {
             "median_ms": seconds * 1e3, "min_ms": t["min_s"] * 1e3, "samples": t["samples"],
+            "first_call_ms": t["first_call_s"] * 1e3,
             "gbps_min_traffic": case.bytes_min / seconds / 1e9,
             "gbps_kernel_traffic": case.bytes_kernel / seconds / 1e9,
             "fraction_of_copy_bw": case.bytes_min / seconds / 1e9 / ceilings["copy_gbps"],
@@ -411,7 +427,8 @@ def speedups(case: Case, device: torch.device) -> dict:
         mine = case.results.get(ours, {}).get("median_ms")
         if mine is None:
             continue
-        for base in ("torch_eager", "torch_eager_inplace", "torch_compile"):
+        # "_vs_copy": a same-size copy's time over ours, the fraction of copy speed an elementwise op reaches
+        for base in ("torch_eager", "torch_eager_inplace", "torch_compile", "copy"):
             theirs = case.results.get(base, {}).get("median_ms")
             if theirs is not None:
                 out[f"{ours}_vs_{base}"] = theirs / mine
@@ -423,7 +440,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/fused_ops-<device>.json)")
     parser.add_argument("--ops", default=None, help="comma-separated op names (default: all)")
-    parser.add_argument("--quick", action="store_true", help="two shapes per op (a smoke run)")
+    parser.add_argument("--quick", action="store_true",
+                        help="CPU: two shapes per op (a smoke run); GPU: the headline cases only (SD-1.5 "
+                             "GroupNorm+SiLU shapes with their copy-bandwidth ratio, the KD loss at batch 8, "
+                             "every pruned conv against cuDNN; bf16, batch 8) with shorter timing")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     parser.add_argument("--min-time", type=float, default=None, help="seconds of timing per provider")
     parser.add_argument("--quiet-wait", type=float, default=60.0, help="CPU: wait up to this long for an idle machine")
@@ -432,7 +452,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
-    min_time = args.min_time if args.min_time is not None else (1.0 if device.type == "cpu" else 0.1)
+    min_time = args.min_time if args.min_time is not None else (
+        1.0 if device.type == "cpu" else (0.05 if args.quick else 0.1))
     import safeprune_engine.ops  # noqa: F401  (registers the ops before the cases ask the dispatcher)
 
     busy_before = wait_for_quiet(args.quiet_wait, 0.3) if device.type == "cpu" else None

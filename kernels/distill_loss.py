@@ -16,6 +16,9 @@ import triton.language as tl
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 _BLOCK_GPU, _BLOCK_INTERPRETER = 4096, 1 << 14
+# 16 warps: 8 elements per thread. With 16 (8 warps) ptxas spills the fp16 forward on sm_80/sm_90 (4-28 bytes
+# of spill stores at 40-48 registers, benchmarks/triton_aot.py); bf16/fp32 do not, 8 per thread spills nowhere.
+_NUM_WARPS = 16
 
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -114,7 +117,7 @@ def forward(students: list[torch.Tensor], teachers: list[torch.Tensor], weights:
         _forward_kernel[(chunks,)](
             addresses[0], addresses[1], scales, numels, firsts, partial, len(index),
             S_DTYPE=_TRITON_DTYPES[s_dtype], T_DTYPE=_TRITON_DTYPES[t_dtype], BLOCK=block,
-            BLOCK_PAIRS=triton.next_power_of_2(len(index)), num_warps=8)
+            BLOCK_PAIRS=triton.next_power_of_2(len(index)), num_warps=_NUM_WARPS)
         partials.append(partial)
     if not partials:
         return torch.zeros((), device=device, dtype=torch.float32)
@@ -133,5 +136,5 @@ def backward(grad: torch.Tensor, students: list[torch.Tensor], teachers: list[to
         _backward_kernel[(chunks,)](
             addresses[0], addresses[1], addresses[2], scales, numels, firsts, upstream, len(index),
             S_DTYPE=_TRITON_DTYPES[s_dtype], T_DTYPE=_TRITON_DTYPES[t_dtype], BLOCK=block,
-            BLOCK_PAIRS=triton.next_power_of_2(len(index)), num_warps=8)
+            BLOCK_PAIRS=triton.next_power_of_2(len(index)), num_warps=_NUM_WARPS)
     return grads

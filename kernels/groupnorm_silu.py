@@ -200,7 +200,9 @@ def _tiles(groups: int, hw: int, cg: int) -> tuple[int, int, int]:
 
 
 def _num_warps(block_hw: int, block_cg: int) -> int:
-    return 8 if block_hw * block_cg >= 4096 else 4
+    """At most 8 tile elements per thread: at 16, ptxas spills the fp16 channels_last apply / grad-partials
+    kernels on sm_90 (12-32 bytes of spill stores, benchmarks/triton_aot.py); at 8 nothing spills."""
+    return max(4, min(16, block_hw * block_cg // 256))
 
 
 def forward(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float):

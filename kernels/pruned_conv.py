@@ -243,6 +243,13 @@ def _blocks(rows: int, cols: int, pixel_reduction: bool = False) -> tuple[int, i
     return bm, bn, 32
 
 
+def _num_warps(bm: int, bn: int) -> int:
+    """8 warps for 64x64 tiles. At 4, ptxas spills at 255 registers (benchmarks/triton_aot.py, sm_80/sm_90):
+    grad_input bf16/fp16 112-384 B/thread, forward fp32 (TF32) 24-72 B, and the bf16 forward sits at 205-255
+    registers; at 8 the bf16/fp16 kernels need 121-238 registers and spill nothing."""
+    return 8 if bm * bn >= 64 * 64 else 4
+
+
 def _geometry(x, weight, stride, padding):
     n, _, h, w = x.shape
     k = weight.shape[2]
@@ -274,6 +281,7 @@ def forward(x, weight, bias, stride, padding, norm_scale, norm_shift, temb_bias,
         STRIDE=stride, PAD=padding, KS=k, PROLOGUE=norm_scale is not None,
         HAS_BIAS=bias is not None, HAS_TEMB=temb_bias is not None, HAS_RES=residual is not None,
         DOT_DTYPE=_dot_dtype(x.dtype), IEEE=_ieee(x.dtype, allow_tf32), BM=bm, BN=bn, BK=bk,
+        num_warps=_num_warps(bm, bn),
     )
     return out
 
@@ -298,6 +306,7 @@ def grad_input(grad_out, x, weight, stride, padding, norm_scale, norm_shift, out
         h, w, ho, wo, c_in, c_out, float(out_scale),
         STRIDE=stride, PAD=padding, KS=k, PROLOGUE=prologue,
         DOT_DTYPE=_dot_dtype(x.dtype), IEEE=_ieee(x.dtype, allow_tf32), BM=bm, BN=bn, BK=bk,
+        num_warps=_num_warps(bm, bn),
     )
     return grad_x, grad_scale, grad_shift
 
@@ -325,5 +334,6 @@ def grad_weight(grad_out, x, weight, stride, padding, norm_scale, norm_shift, ou
         n, h, w, ho, wo, c_in, c_out, float(out_scale), per_split,
         STRIDE=stride, PAD=padding, KS=k, PROLOGUE=norm_scale is not None,
         ATOMIC=splits > 1, DOT_DTYPE=_dot_dtype(x.dtype), IEEE=_ieee(x.dtype, allow_tf32), BM=bm, BN=bn, BK=bk,
+        num_warps=_num_warps(bm, bn),
     )
     return grad_w32.to(weight.dtype)
