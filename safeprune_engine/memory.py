@@ -72,9 +72,10 @@ class FactoredAdamW(torch.optim.Optimizer):
     rows and over its columns, R + C numbers instead of R*C, and estimates V = (row_mean outer col_mean) /
     mean(row_mean); vectors keep a full second moment. The first moment (beta1 > 0) is stored in `momentum_dtype`
     (bfloat16: 2 bytes per parameter, against AdamW's 8 for both moments). The step is lr * M_hat / (sqrt(V_hat) +
-    eps), bias-corrected like Adam's, plus AdamW's decoupled weight decay, so the learning rate means what it means
-    for AdamW. Without a first moment (beta1 = 0: ~0 bytes per parameter) each step's update is clipped to an RMS
-    of at most `clip`, Adafactor's safeguard for the missing averaging.
+    eps), bias-corrected like Adam's (for matrices eps is replaced by a 1e-30 floor under the squared-gradient means,
+    as in Adafactor), plus AdamW's decoupled weight decay, so the learning rate means what it means for AdamW.
+    Without a first moment (beta1 = 0: ~0 bytes per parameter) each step's update is clipped to an RMS of at most
+    `clip`, Adafactor's safeguard for the missing averaging.
     """
 
     def __init__(self, params, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
@@ -97,50 +98,58 @@ class FactoredAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, beta1, beta2, eps, wd, clip = (group[k] for k in ("lr", "beta1", "beta2", "eps", "weight_decay", "clip"))
             for param in group["params"]:
                 if param.grad is None:
                     continue
                 if param.grad.is_sparse:
                     raise RuntimeError("FactoredAdamW does not support sparse gradients")
-                grad = param.grad.float()
-                state = self.state[param]
-                matrix = self._matrix(grad)
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    if matrix is None:
-                        state["exp_avg_sq"] = torch.zeros_like(grad)
-                    else:
-                        state["exp_avg_sq_row"] = grad.new_zeros(matrix.shape[0])
-                        state["exp_avg_sq_col"] = grad.new_zeros(matrix.shape[1])
-                    if beta1 > 0:
-                        state["exp_avg"] = torch.zeros_like(grad, dtype=group["momentum_dtype"])
-                state["step"] += 1
-                step = float(state["step"])
-                correction2 = 1.0 - beta2 ** step
-                squared = grad.square().add_(1e-30)
-                if matrix is None:
-                    state["exp_avg_sq"].lerp_(squared, 1.0 - beta2)
-                    denom = (state["exp_avg_sq"] / correction2).sqrt_().add_(eps)
-                else:
-                    squared = self._matrix(squared)
-                    row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-                    row.lerp_(squared.mean(dim=1), 1.0 - beta2)
-                    col.lerp_(squared.mean(dim=0), 1.0 - beta2)
-                    scale = 1.0 / (row.mean() * correction2)
-                    denom = torch.outer(row * scale, col).sqrt_().add_(eps).reshape(grad.shape)
-                del squared
-                if beta1 > 0:
-                    momentum = state["exp_avg"].float().lerp(grad, 1.0 - beta1)  # fp32 arithmetic, stored rounded
-                    state["exp_avg"].copy_(momentum)
-                    update = momentum.div_(denom).mul_(1.0 / (1.0 - beta1 ** step))
-                else:
-                    update = grad.div_(denom) if grad is not param.grad else grad / denom
-                    update.div_((update.square().mean().sqrt() / clip).clamp_(min=1.0))
-                if wd:
-                    param.mul_(1.0 - lr * wd)
-                param.add_(update.to(param.dtype), alpha=-lr)
+                self._update(param, group)
         return loss
+
+    def _update(self, param: torch.Tensor, group: dict) -> None:
+        # A few passes over each tensor and no full-size temporary besides one fp32 buffer: the squared-gradient
+        # means come from norms, and 1/sqrt(V_hat) = 1/sqrt(row * scale) (outer) 1/sqrt(col) is applied by broadcasts.
+        lr, beta1, beta2, eps, wd, clip = (group[k] for k in ("lr", "beta1", "beta2", "eps", "weight_decay", "clip"))
+        grad = param.grad.float()
+        state = self.state[param]
+        matrix = self._matrix(grad)
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            if matrix is None:
+                state["exp_avg_sq"] = torch.zeros_like(grad)
+            else:
+                state["exp_avg_sq_row"] = grad.new_zeros(matrix.shape[0])
+                state["exp_avg_sq_col"] = grad.new_zeros(matrix.shape[1])
+            if beta1 > 0:
+                state["exp_avg"] = torch.zeros_like(grad, dtype=group["momentum_dtype"])
+        state["step"] += 1
+        step = float(state["step"])
+        correction2 = 1.0 - beta2 ** step
+        if beta1 > 0:  # fp32 arithmetic, stored rounded to momentum_dtype
+            update = state["exp_avg"].float().lerp_(grad, 1.0 - beta1) if state["exp_avg"].dtype != torch.float32 \
+                else state["exp_avg"].lerp_(grad, 1.0 - beta1).clone()
+            state["exp_avg"].copy_(update)
+            update.mul_(1.0 / (1.0 - beta1 ** step))
+        else:
+            update = grad.clone()
+        if matrix is None:
+            state["exp_avg_sq"].lerp_(grad.square().add_(1e-30), 1.0 - beta2)
+            update.div_((state["exp_avg_sq"] / correction2).sqrt_().add_(eps))
+        else:
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row.lerp_(torch.linalg.vector_norm(matrix, dim=1).square_().div_(matrix.shape[1]).add_(1e-30), 1.0 - beta2)
+            col.lerp_(torch.linalg.vector_norm(matrix, dim=0).square_().div_(matrix.shape[0]).add_(1e-30), 1.0 - beta2)
+            # V_hat_ij = row_i col_j / (mean(row) correction2), applied as two broadcasts of 1/sqrt; the 1e-30 in
+            # the means stands in for eps, which cannot be added inside a product (Adafactor does the same)
+            row_factor = (row / (row.mean() * correction2)).rsqrt_()
+            col_factor = col.rsqrt()
+            view = update.view(matrix.shape)
+            view.mul_(row_factor[:, None]).mul_(col_factor[None, :])
+        if beta1 == 0:
+            update.div_((update.square().mean().sqrt() / clip).clamp_(min=1.0))
+        if wd:
+            param.mul_(1.0 - lr * wd)
+        param.add_(update.to(param.dtype), alpha=-lr)
 
 
 def factored_adamw(params, lr: float, role: str = "outer") -> torch.optim.Optimizer:
