@@ -649,6 +649,9 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="safeprune-bench-") as tmp:
         workdir = Path(tmp)
+        # --kernels auto's decisions: timed afresh by this run's first process (on the machine as it is now, not
+        # taken from an earlier run's cache) and shared by every later process, so all variants patch alike
+        os.environ.setdefault("SAFEPRUNE_CACHE_DIR", str(workdir / "cache-dir"))
         write_folders(workdir, args.resolution, args.seed)
         for variant in args.variant_list:
             if cpu:  # own process: the memory pass pins glibc's thresholds, which would skew the timing

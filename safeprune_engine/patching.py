@@ -303,14 +303,22 @@ def time_patched_unet(unet: nn.Module, inputs: tuple, kwargs: dict, backward: bo
                 for param in unet.parameters():
                     param.grad = None
 
-    plain = timed()
+    # plain, patched, plain, patched: the best of each, so that a slow spell of the machine (another process, a
+    # frequency change) during one measurement does not decide
+    plain, patched = [], []
     record = patch_unet(unet, backend="auto", ops=ops)
     try:
         run()  # the first patched call times each op's backends for these shapes
-        patched = timed()
     finally:
         unpatch_unet(unet, record)
-    return PatchTiming(plain_s=plain, patched_s=patched, kept=False, backward=backward)
+    for _ in range(2):
+        plain.append(timed())
+        record = patch_unet(unet, backend="auto", ops=ops)
+        try:
+            patched.append(timed())
+        finally:
+            unpatch_unet(unet, record)
+    return PatchTiming(plain_s=min(plain), patched_s=min(patched), kept=False, backward=backward)
 
 
 def patch_unet_if_faster(unet: nn.Module, inputs: tuple, kwargs: dict, backward: bool, autocast=None,
