@@ -16,7 +16,8 @@ import torch
 def common(teacher: str, data: str, out: Path, **overrides) -> dict:
     settings = dict(teacher=teacher, data=data, out=str(out), erase=["by monet"], prune_ratio=0.5, steps=4,
                     resolution=16, batch_size=4, esd_pool_size=4, esd_ddim_steps=3, bilevel_inner_steps=1,
-                    progress=False, lr=1e-3, log_every=1, launcher="torchrun", nproc=2)
+                    progress=False, lr=1e-3, log_every=1, launcher="torchrun", nproc=2,
+                    outer_optimizer="adamw")  # as test_distributed's single-process reference run
     settings.update(overrides)
     return settings
 

@@ -192,11 +192,14 @@ def test_uce_edit_minimises_its_objective_and_runs_when_asked(world):
         assert all(not torch.equal(start[n], p) for n, p in _key_value(engine).items())
 
 
-def test_preserve_prompts_ride_in_the_one_teacher_forward(world):
+@pytest.mark.parametrize("targets", ["live", "cached"])
+def test_preserve_prompts_ride_in_the_one_teacher_forward(world, targets):
+    """Live: the preserve rows join the data and concept rows in the step's one teacher forward. Cached: their
+    predictions are stored with the pool's, and the forward holds the data rows only."""
     import torch.nn.functional as F
 
     engine, solver = make_engine(world, method="bilevel", erase_method="esd-x", preserve=["a cat", "a house"],
-                                 concept_batch_size=3)
+                                 concept_batch_size=3, concept_targets=targets)
     assert engine.teacher_conditions == ("concept", "anchor", "preserve")
     shapes = []
     hook = engine.teacher.register_forward_pre_hook(lambda m, args: shapes.append(args[0].shape[0]))
@@ -205,8 +208,15 @@ def test_preserve_prompts_ride_in_the_one_teacher_forward(world):
         solver.step(step)
         assert len(shapes) == 1
     hook.remove()
-    assert shapes == [2 + 3 * 3]  # data rows + concept rows under concept, anchor and preserve
+    # data rows (+ concept rows under concept, anchor and preserve when live)
+    assert shapes == [2 + 3 * 3] if targets == "live" else [2]
     concept = engine.sample_concept_batch()
+    if targets == "cached":
+        assert set(concept.teacher_predictions) == {"concept", "anchor", "preserve"}
+        with torch.no_grad():
+            live = engine.teacher(concept.latents, concept.timesteps,
+                                  encoder_hidden_states=concept.conditions["preserve"]).sample
+        torch.testing.assert_close(concept.teacher_predictions["preserve"], live, rtol=1e-4, atol=1e-5)
     teacher = engine.teacher_pass(None, concept, features=False)
     with torch.no_grad():
         total = engine.upper_loss(concept, teacher)
