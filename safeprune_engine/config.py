@@ -315,8 +315,9 @@ class RunConfig:
                 raise SafepruneError(f"--target-macs must be in (0, 1], got {self.target_macs}")
         elif self.prune_ratio is None or not 0.0 < self.prune_ratio < 1.0:
             raise SafepruneError(f"--prune-ratio must be in (0, 1) (exclusive), got {self.prune_ratio}")
-        for name in ("steps", "batch_size", "bilevel_inner_steps", "upper_every", "esd_pool_size", "concept_target_pool",
-                     "esd_ddim_steps", "keep_checkpoints", "log_every", "prune_calibration_batches", "salun_batches"):
+        for name in ("steps", "batch_size", "bilevel_inner_steps", "upper_every", "esd_pool_size", "esd_ddim_steps",
+                     "concept_target_pool", "keep_checkpoints", "log_every", "prune_calibration_batches",
+                     "salun_batches"):
             if getattr(self, name) < 1:
                 raise SafepruneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.concept_batch_size is not None and self.concept_batch_size < 1:

@@ -40,8 +40,8 @@ def adamw(params, lr: float, role: str = "lower", fused: bool = True) -> torch.o
     how tensors are grouped and a resumed run repeats an uninterrupted one bit for bit. fused=False: the per-tensor
     loop (ZeRO steps the optimizer on flat partitions it swaps in, which the fused kernel's state cannot follow)."""
     params = list(params)
-    fused = fused and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16,
-                                                                            torch.bfloat16) for p in _param_list(params))
+    fusable = (torch.float32, torch.float16, torch.bfloat16)
+    fused = fused and all(p.device.type in ("cpu", "cuda") and p.dtype in fusable for p in _param_list(params))
     return torch.optim.AdamW(params, lr=lr, foreach=False if not fused else None, fused=fused or None)
 
 

@@ -38,9 +38,9 @@ class Solver:
     """One `step(iteration)` per training step; returns fp32 scalars to log.
 
     Everything a solver needs comes through its constructor: the engine (read, never modified), the config and
-    make_optimizer, the factory of its optimizers (default memory.optimizer_factory(config)). `runner` is the module that runs the
-    student's forwards, handed to the engine's loss calls (None: the student itself; the ZeRO solver's DeepSpeed
-    engine once it exists).
+    make_optimizer, the factory of its optimizers (default memory.optimizer_factory(config)). `runner` is the
+    module that runs the student's forwards, handed to the engine's loss calls (None: the student itself; the ZeRO
+    solver's DeepSpeed engine once it exists).
     """
 
     uses_concepts = True
