@@ -84,13 +84,14 @@ def enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
-def _tensors(values: Iterable) -> list[torch.Tensor]:
+def tensors_in(values: Iterable) -> list[torch.Tensor]:
+    """The tensors among `values`, looking into lists and tuples."""
     found = []
     for value in values:
         if isinstance(value, torch.Tensor):
             found.append(value)
         elif isinstance(value, (list, tuple)):
-            found.extend(_tensors(value))
+            found.extend(tensors_in(value))
     return found
 
 
@@ -354,7 +355,7 @@ class Tuner:
 
     @property
     def grad(self) -> bool:
-        return any(t.requires_grad for t in _tensors(self.values))
+        return any(t.requires_grad for t in tensors_in(self.values))
 
     def confirmed(self) -> str | None:
         """The backend this process already chose (or read and checked) for this call's key."""
@@ -404,7 +405,7 @@ def tuner(op_name: str, args: tuple, kwargs: dict) -> Tuner | None:
     benchmark = _BENCHMARKS.get(op_name)
     if benchmark is None or not enabled():
         return None
-    tensors = _tensors(list(args) + list(kwargs.values()))
+    tensors = tensors_in(list(args) + list(kwargs.values()))
     if _untimeable(tensors):
         return None
     return Tuner(op_name, benchmark, args, kwargs, tensors[0].device)

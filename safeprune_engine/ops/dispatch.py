@@ -173,15 +173,7 @@ def available_backends(op_name: str, *args, **kwargs) -> dict[str, list[str]]:
 
 
 # ---- reason helpers shared by the op modules ---------------------------------------------------------------
-def tensors_in(values: Iterable) -> list[torch.Tensor]:
-    """The tensors among `values`, looking one level into lists and tuples."""
-    found = []
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            found.append(value)
-        elif isinstance(value, (list, tuple)):
-            found.extend(v for v in value if isinstance(v, torch.Tensor))
-    return found
+tensors_in = autotune.tensors_in  # the tensors among an op's arguments, inside lists and tuples too
 
 
 def device_reasons(tensors: Iterable[torch.Tensor], device_types: tuple[str, ...]) -> list[str]:
