@@ -37,6 +37,7 @@ from .errors import SafepruneError
 
 OPS = ("groupnorm_silu", "conv", "conv_prologue")
 DEFAULT_OPS = ("groupnorm_silu", "conv")
+PATCH_MARGIN = 0.02  # how much faster a whole patched UNet must be for auto to keep it
 _MARK = "_safeprune_patch_record"
 
 
@@ -265,18 +266,22 @@ def unpatch_unet(unet: nn.Module, record: PatchRecord) -> None:
 
 @dataclass
 class PatchTiming:
-    """What :func:`patch_unet_if_faster` measured: median seconds of one forward (+ backward when training) of the
-    UNet with its diffusers forwards and with the fused ops; `kept` says which one the UNet has now."""
+    """What :func:`time_patched_unet` measured: seconds of one forward (+ backward when training) of the UNet with
+    its diffusers forwards and with the fused ops."""
 
     plain_s: float
     patched_s: float
-    kept: bool
     backward: bool
 
-    def summary(self) -> str:
-        verdict = "kept" if self.kept else "not kept (not faster than eager)"
-        return (f"fused ops {verdict}: {self.patched_s * 1e3:.1f} ms vs eager {self.plain_s * 1e3:.1f} ms per "
-                f"{'forward+backward' if self.backward else 'forward'} ({self.plain_s / self.patched_s:.2f}x)")
+    def pays_off(self, margin: float = PATCH_MARGIN) -> bool:
+        """Whether the fused ops are at least `margin` faster (a tie keeps the diffusers forwards)."""
+        return self.patched_s < (1.0 - margin) * self.plain_s
+
+    def summary(self, kept: bool, source: str = "timed now") -> str:
+        verdict = "fused ops kept" if kept else "fused ops not kept (not faster than eager)"
+        return (f"{verdict}: {self.patched_s * 1e3:.1f} ms vs eager {self.plain_s * 1e3:.1f} ms per "
+                f"{'forward+backward' if self.backward else 'forward'} ({self.plain_s / self.patched_s:.2f}x, "
+                f"{source})")
 
 
 def time_patched_unet(unet: nn.Module, inputs: tuple, kwargs: dict, backward: bool, autocast=None,
@@ -318,19 +323,18 @@ def time_patched_unet(unet: nn.Module, inputs: tuple, kwargs: dict, backward: bo
             patched.append(timed())
         finally:
             unpatch_unet(unet, record)
-    return PatchTiming(plain_s=min(plain), patched_s=min(patched), kept=False, backward=backward)
+    return PatchTiming(plain_s=min(plain), patched_s=min(patched), backward=backward)
 
 
 def patch_unet_if_faster(unet: nn.Module, inputs: tuple, kwargs: dict, backward: bool, autocast=None,
-                         ops: Iterable[str] = DEFAULT_OPS, margin: float = 0.02) -> tuple[Optional[PatchRecord],
-                                                                                            PatchTiming]:
+                         ops: Iterable[str] = DEFAULT_OPS, margin: float = PATCH_MARGIN
+                         ) -> tuple[Optional[PatchRecord], PatchTiming]:
     """Patch ``unet`` with the auto backends only if its whole forward (+ backward with ``backward``) on ``inputs``
     then runs at least ``margin`` faster than with the diffusers forwards (time_patched_unet): per-op timing cannot
     see what a patched module costs around the op (its wrapper, layout changes), and a UNet of tiny layers can lose
     overall while every op wins. Returns (the PatchRecord, or None when the UNet was left unpatched, the timing)."""
     timing = time_patched_unet(unet, inputs, kwargs, backward, autocast, ops)
-    timing.kept = timing.patched_s < (1.0 - margin) * timing.plain_s
-    return (patch_unet(unet, backend="auto", ops=ops) if timing.kept else None), timing
+    return (patch_unet(unet, backend="auto", ops=ops) if timing.pays_off(margin) else None), timing
 
 
 def unet_timing_key(unet: nn.Module, inputs: tuple, kwargs: dict, backward: bool, autocast_dtype, ops) -> str:

@@ -178,16 +178,14 @@ class Bilevel(Solver):
         lam = self.config.bilevel_lambda
         outer = self.is_outer_step(iteration)
         self.zero_grad()
-        if outer:  # sample and run the teacher; the losses depend on --bilevel-joint-forward
-            data, concept, teacher = self.teacher_step(include_concept=True)
-        else:
-            lower, concept, teacher = self.lower_step()
         if not outer:
+            lower, _, _ = self.lower_step()
             self.backward(lower.total)
             self.optimizer_step("lower")
             self.finish_step()
             self.track_value(as_float(lower.total))
             return self.scalars(lower, value_estimate=self.value_estimate)
+        data, concept, teacher = self.teacher_step(include_concept=True)
         if self.config.bilevel_joint_forward:  # one forward over [data | concept], one backward
             lower, upper = self.engine.joint_losses(data, concept, teacher, runner=self.runner)
             self.backward(lam * lower.total + upper)

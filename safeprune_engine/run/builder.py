@@ -76,15 +76,15 @@ def patch_kernels(config: RunConfig, student, teacher_unet, sample: tuple | None
     return patches
 
 
-def fused_ops_pay_off(config: RunConfig, unet, sample: tuple, backward: bool, margin: float = 0.02) -> tuple:
+def fused_ops_pay_off(config: RunConfig, unet, sample: tuple, backward: bool) -> tuple:
     """(keep, why): whether the fused ops make `unet`'s step (the student's forward+backward, the teacher's forward)
-    at least `margin` faster on one training batch (`sample`: latents, timesteps, text embeddings), timed with and
-    without them (patching.time_patched_unet; per-op timing cannot see what a patched module costs around its op,
-    which on a UNet of tiny layers outweighs every op's gain). The decision is cached per device with the ops'
-    own decisions ($SAFEPRUNE_CACHE_DIR/autotune), so reruns take the same one; SAFEPRUNE_AUTOTUNE=0 keeps the
-    fused ops without timing."""
+    faster on one training batch (`sample`: latents, timesteps, text embeddings), timed with and without them
+    (patching.time_patched_unet; per-op timing cannot see what a patched module costs around its op, which on a UNet
+    of tiny layers outweighs every op's gain). The decision is cached per device with the ops' own decisions
+    ($SAFEPRUNE_CACHE_DIR/autotune), so reruns take the same one; SAFEPRUNE_AUTOTUNE=0 keeps the fused ops without
+    timing."""
     from ..ops import autotune
-    from ..patching import DEFAULT_OPS, time_patched_unet, unet_timing_key
+    from ..patching import DEFAULT_OPS, PatchTiming, time_patched_unet, unet_timing_key
 
     if not autotune.enabled():
         return True, "fused ops kept without timing (SAFEPRUNE_AUTOTUNE=0)"
@@ -93,21 +93,18 @@ def fused_ops_pay_off(config: RunConfig, unet, sample: tuple, backward: bool, ma
     dtype = torch.float32 if backward else param.dtype
     latents, timesteps, text = (t.to(param.device) for t in sample)
     inputs, kwargs = (latents.to(dtype), timesteps), {"encoder_hidden_states": text.to(dtype)}
-    autocast = training_autocast(config, param.device)
     context = autotune.device_context(param.device)
     key = unet_timing_key(unet, inputs, kwargs, backward, config.mixed_precision, DEFAULT_OPS)
     entry = autotune.cache().lookup(context, key)
-    if entry is None:
-        timing = time_patched_unet(unet, inputs, kwargs, backward, autocast)
-        keep = timing.patched_s < (1.0 - margin) * timing.plain_s
-        autotune.cache().store(context, key, "patched" if keep else "plain",
-                               {"patched": 1e3 * timing.patched_s, "plain": 1e3 * timing.plain_s})
-        ms, source = (1e3 * timing.patched_s, 1e3 * timing.plain_s), "timed now"
-    else:
-        keep, ms, source = entry["backend"] == "patched", (entry["ms"]["patched"], entry["ms"]["plain"]), "cached"
-    what = "forward+backward" if backward else "forward"
-    verdict = "fused ops kept" if keep else "fused ops not kept (not faster than eager)"
-    return keep, f"{verdict}: {ms[0]:.1f} ms vs eager {ms[1]:.1f} ms per {what} ({ms[1] / ms[0]:.2f}x, {source})"
+    if entry is not None:
+        timing = PatchTiming(entry["ms"]["plain"] / 1e3, entry["ms"]["patched"] / 1e3, backward)
+        keep = entry["backend"] == "patched"
+        return keep, timing.summary(keep, "cached")
+    timing = time_patched_unet(unet, inputs, kwargs, backward, training_autocast(config, param.device))
+    keep = timing.pays_off()
+    autotune.cache().store(context, key, "patched" if keep else "plain",
+                           {"patched": 1e3 * timing.patched_s, "plain": 1e3 * timing.plain_s})
+    return keep, timing.summary(keep)
 
 
 def training_autocast(config: RunConfig, device):
