@@ -18,7 +18,7 @@ from typing import Any, Callable
 from .errors import SafepruneError
 
 CONFIG_VERSION = 1
-METHODS = ("bilevel", "alternating", "two-stage", "distill-only")
+METHODS = ("bilevel", "interleaved", "alternating", "two-stage", "distill-only")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 KERNEL_MODES = ("auto", "off", "triton", "cuda", "cpp")  # --kernels: fused ops for the UNets (patch_unet)
 OUTER_OPTIMIZERS = ("factored", "factored-lean", "adamw-8bit", "adamw")  # --outer-optimizer (memory.optimizer_factory)
@@ -28,6 +28,7 @@ IDENTITY_FIELDS = (
     "teacher", "data", "erase", "erase_data", "erase_prompts", "anchor", "prune_ratio", "target_macs", "prune_importance",
     "method", "batch_size", "concept_batch_size", "resolution", "lr", "lr_upper", "seed", "mixed_precision",
     "w_diff", "w_out", "w_feat", "snr_gamma", "erase_method", "eta", "bilevel_lambda", "bilevel_inner_steps",
+    "quality_tolerance",
     "upper_every", "two_stage_erase_steps", "esd_pool_size", "esd_ddim_steps", "esd_guidance",
     "prune_method", "prune_calibration_batches", "preserve", "preserve_weight", "uce_when", "uce_lambda",
     "salun_base", "salun_topk", "salun_batches",
@@ -103,9 +104,16 @@ class RunConfig:
     erase_method: str = setting("esd-u", "erasing objective: esd-u | esd-x | esd (every weight) | "
                                 "concept-ablation-model | concept-ablation-noise | uce | salun (or a plug-in's name)")
     eta: float = setting(1.0, "ESD negative-guidance strength")
-    bilevel_lambda: float = setting(100.0, "bilevel penalty lambda: weight of the fine-tuning loss in the outer "
-                                    "step")
-    bilevel_inner_steps: int = setting(20, "bilevel: inner (lower) steps per outer step")
+    bilevel_lambda: float = setting(100.0, "bilevel: lambda, the weight of the fine-tuning loss in every student "
+                                    "step (d L_cu + lambda d L_ft); with --quality-tolerance its starting value; "
+                                    "interleaved: the weight of L_ft in the outer step")
+    bilevel_inner_steps: int = setting(1, "inner steps per outer step: bilevel with --quality-tolerance, steps of the "
+                                       "value model (a copy trained on L_ft alone); interleaved, steps of the "
+                                       "student on L_ft alone")
+    quality_tolerance: float | None = setting(
+        None, "bilevel constraint form: minimise L_cu subject to L_ft <= (1 + TOL) x min L_ft, with lambda found "
+        "by dual ascent against a value model trained on L_ft alone (one more student copy and forward+backward "
+        "per step)", unset="none: the penalty form with a fixed --bilevel-lambda")
     bilevel_joint_forward: bool = setting(
         False, "bilevel outer steps: one student forward over the data and concept rows and one backward of "
         "lambda L_ft + L_cu, instead of a forward and backward for each (needs an objective that trains the whole "
@@ -250,6 +258,16 @@ class RunConfig:
         if self.bilevel_joint_forward and (self.method != "bilevel" or self.nproc > 1 or self.zero_stage > 0):
             raise SafepruneError("--bilevel-joint-forward is a single-process bilevel option (--method bilevel, "
                                  "--nproc 1, --zero-stage 0)")
+        if self.quality_tolerance is not None:
+            if self.method != "bilevel":
+                raise SafepruneError(f"--quality-tolerance is the bilevel solver's constraint form; --method "
+                                     f"{self.method} has none (use --method bilevel, or leave it unset)")
+            if not self.quality_tolerance > 0:
+                raise SafepruneError(f"--quality-tolerance must be positive, got {self.quality_tolerance}")
+            if self.zero_stage > 0:
+                raise SafepruneError("--quality-tolerance keeps a value model (a second student) that ZeRO does not "
+                                     "partition yet; use --zero-stage 0 (data parallel) or the penalty form "
+                                     "(--quality-tolerance none with --bilevel-lambda)")
         if self.outer_optimizer in ("factored", "factored-lean") and self.zero_stage > 0:
             raise SafepruneError(f"--outer-optimizer {self.outer_optimizer} needs whole weight matrices; ZeRO "
                                  f"(--zero-stage {self.zero_stage}) hands the optimizer flat partitions: use adamw "

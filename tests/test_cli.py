@@ -72,10 +72,14 @@ def final_weights(out: Path, step: int) -> dict:
     return load_file(out / "checkpoints" / f"step-{step:08d}" / "student" / "diffusion_pytorch_model.safetensors")
 
 
-@pytest.mark.parametrize("method", ["bilevel", "two-stage"])
-def test_resume_continues_bit_for_bit(world, tmp_path, monkeypatch, method):
+@pytest.mark.parametrize("method,constraint", [("bilevel", []), ("bilevel", ["--quality-tolerance", "0.05"]),
+                                               ("two-stage", [])])
+def test_resume_continues_bit_for_bit(world, tmp_path, monkeypatch, method, constraint):
+    """An interrupted run resumed from its checkpoint ends on the same weights; the constraint form's value model,
+    its optimizer and the multiplier are part of the checkpoint."""
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    extra = ["--checkpoint-every", "3", "--two-stage-erase-steps", "4"]  # two-stage: checkpoint inside erase phase
+    # two-stage: checkpoint inside erase phase
+    extra = ["--checkpoint-every", "3", "--two-stage-erase-steps", "4", *constraint]
     assert main(run_args(world, straight, *extra, steps=6, method=method)) == 0
 
     from safeprune_engine.bilevel import solvers

@@ -220,7 +220,7 @@ def recording_adamw(params, lr, role="lower"):
     return RecordingAdamW(params, lr=lr, foreach=False)
 
 
-@pytest.mark.parametrize("method", ["distill-only", "alternating", "bilevel"])
+@pytest.mark.parametrize("method", ["distill-only", "alternating", "interleaved"])
 def test_lower_steps_train_the_whole_student(tmp_path, method):
     """A lower step moves exactly the parameters L_ft reaches, each by torch AdamW's first update of
     d L_ft / d param (computed independently, on the same batch)."""
@@ -245,12 +245,12 @@ def test_lower_steps_train_the_whole_student(tmp_path, method):
                                    msg=lambda m: f"{names.get(id(param), 'projection')}: {m}")
 
 
-def test_bilevel_outer_step_mixes_upper_and_lower_gradients(tmp_path):
+def test_interleaved_outer_step_mixes_upper_and_lower_gradients(tmp_path):
     """Inner steps step the lower optimizer on d L_ft; the outer step steps the outer optimizer (only) on
     lambda * d L_ft + d L_cu (the latter on the upper parameters only), each gradient computed independently on the
     same batch and teacher outputs."""
     lam = float(torch.empty(()).uniform_(0.5, 4.0))
-    engine, _, _ = make_engine(tmp_path, method="bilevel", bilevel_inner_steps=1, bilevel_lambda=lam)
+    engine, _, _ = make_engine(tmp_path, method="interleaved", bilevel_inner_steps=1, bilevel_lambda=lam)
     solver = build_solver(engine, engine.config, make_optimizer=recording_adamw)
     params = all_trainable(engine)
     upper = {id(p) for p in engine.upper_parameters()}
@@ -279,6 +279,126 @@ def test_bilevel_outer_step_mixes_upper_and_lower_gradients(tmp_path):
     for param, ft, cu in zip(params, g_ft, g_cu):
         expected = sum(g for g in (None if ft is None else lam * ft, cu) if g is not None)
         torch.testing.assert_close(seen[id(param)], expected, rtol=1e-5, atol=1e-7)  # oneDNN threads reorder sums
+
+
+def expected_penalty_gradients(engine, params, lam):
+    """lambda * d L_ft + d L_cu (the latter on the upper parameters only) on the batch the next step draws."""
+    upper = {id(p) for p in engine.upper_parameters()}
+    g_ft, g_cu = independent_gradients(engine, params, include_concept=True)
+    g_cu = [g if id(p) in upper else None for p, g in zip(params, g_cu)]
+    return [sum(g for g in (None if ft is None else lam * ft, cu) if g is not None) for ft, cu in zip(g_ft, g_cu)]
+
+
+def assert_gradients(seen, params, expected, rtol=1e-5, atol=1e-7):
+    reached = 0
+    for param, want in zip(params, expected):
+        if isinstance(want, int):  # no loss reaches it
+            assert seen[id(param)] is None or not seen[id(param)].any()
+            continue
+        reached += 1
+        torch.testing.assert_close(seen[id(param)], want, rtol=rtol, atol=atol)  # oneDNN threads reorder sums
+    assert reached > 0.9 * len(params)
+
+
+def test_bilevel_penalty_every_step_follows_upper_plus_lambda_lower(tmp_path):
+    """The paper's penalty method: EVERY student step is one step of one optimizer on d L_cu + lambda d L_ft (the
+    upper part on the upper parameters only), on the same batch and teacher outputs; no value model is kept."""
+    lam = float(torch.empty(()).uniform_(0.5, 4.0))
+    engine, _, _ = make_engine(tmp_path, method="bilevel", bilevel_lambda=lam)
+    solver = build_solver(engine, engine.config, make_optimizer=recording_adamw)
+    assert set(solver.optimizers) == {"student"} and solver.value_model is None
+    params = all_trainable(engine)
+    for iteration in range(2):
+        expected = expected_penalty_gradients(engine, params, lam)
+        RecordingAdamW.log = []
+        scalars = solver.step(iteration)
+        (optimizer, seen), = RecordingAdamW.log
+        assert optimizer is solver.optimizers["student"]
+        assert_gradients(seen, params, expected)
+        assert {"loss/ft", "loss/cu"} <= set(scalars) and scalars["penalty/lambda"] == pytest.approx(lam)
+
+
+@pytest.mark.parametrize("inner_steps", [1, 3])
+def test_bilevel_constraint_form_value_model_and_multiplier(tmp_path, inner_steps):
+    """--quality-tolerance: the value model (a copy of the student) takes K steps on its own L_ft per outer step,
+    the first on the outer step's batch; the multiplier is updated from the paired ratio L_ft(student) /
+    L_ft(value model) on that batch, and the student then follows d L_cu + mu d L_ft."""
+    from safeprune_engine.bilevel.constraint import DualMultiplier
+
+    lam0 = 2.0
+    engine, _, _ = make_engine(tmp_path, method="bilevel", bilevel_lambda=lam0, quality_tolerance=0.05,
+                               bilevel_inner_steps=inner_steps)
+    solver = build_solver(engine, engine.config, make_optimizer=recording_adamw)
+    value = solver.value_model
+    assert value.module is not engine.student and set(solver.optimizers) == {"student", "value"}
+    for (name, a), b in zip(engine.student.state_dict().items(), value.module.state_dict().values()):
+        assert torch.equal(a, b), name  # it starts where the student starts
+    params = all_trainable(engine)
+
+    state = draws(engine)
+    data = engine.sample_data_batch()
+    concept = engine.sample_concept_batch()
+    teacher = engine.teacher_pass(data, concept, features=True)
+    student_loss = float(engine.lower_loss(data, teacher).total.detach())
+    value_loss = engine.lower_loss(data, teacher, model=value).total
+    value_grads = torch.autograd.grad(value_loss, value.parameters(), allow_unused=True)
+    replay(engine, state)
+    reference = DualMultiplier(0.05, lam0)
+    reference.update(student_loss, float(value_loss))
+
+    # the student's expected gradient with the updated multiplier, on the same draws (value steps after the first
+    # draw batches of their own, so the student's gradients are computed on the first draw only)
+    expected = expected_penalty_gradients(engine, params, reference.multiplier)
+    RecordingAdamW.log = []
+    scalars = solver.step(0)
+    optimizers = [optimizer for optimizer, _ in RecordingAdamW.log]
+    assert optimizers == [solver.optimizers["value"]] * inner_steps + [solver.optimizers["student"]]
+    first_value_step = RecordingAdamW.log[0][1]
+    for param, grad in zip(value.parameters(), value_grads):
+        if grad is not None:
+            torch.testing.assert_close(first_value_step[id(param)], grad, rtol=1e-5, atol=1e-8)
+    assert_gradients(RecordingAdamW.log[-1][1], params, expected)
+    assert scalars["constraint/multiplier"] == pytest.approx(reference.multiplier)
+    assert scalars["constraint/slack"] == pytest.approx(reference.slack)
+    assert scalars["loss/ft_value"] == pytest.approx(float(value_loss), rel=1e-5)
+
+
+def test_dual_multiplier_moves_on_a_log_scale_toward_the_tolerance():
+    """Dual ascent on log mu: up while the smoothed ratio exceeds 1 + tol, down while it is below, by rate x the
+    violation in units of the tolerance (clipped to [-1, 3]), within [mu0 / 1e3, mu0 * 1e3]."""
+    import math
+
+    from safeprune_engine.bilevel.constraint import DualMultiplier
+
+    dual = DualMultiplier(tolerance=0.1, initial=5.0, rate=0.05, smoothing=0.0)
+    dual.update(1.2, 1.0)  # ratio 1.2: violated by the tolerance's own size
+    assert dual.multiplier == pytest.approx(5.0 * math.exp(0.05))
+    assert dual.slack == pytest.approx(-0.1)
+    dual.update(1.0, 1.0)  # ratio 1.0: full slack -> down by one unit
+    assert dual.multiplier == pytest.approx(5.0)
+    dual.update(10.0, 1.0)  # a huge violation is clipped to 3 units
+    assert dual.multiplier == pytest.approx(5.0 * math.exp(0.15))
+    for _ in range(1000):
+        dual.update(0.5, 1.0)
+    assert dual.multiplier == pytest.approx(5.0 / 1e3)  # the lower bound
+    smooth = DualMultiplier(tolerance=0.1, initial=1.0, smoothing=0.9)
+    smooth.update(1.0, 1.0)
+    smooth.update(2.0, 1.0)
+    assert smooth.scalars()["constraint/ratio"] == pytest.approx(1.1)
+    restored = DualMultiplier(tolerance=0.1, initial=1.0)
+    restored.load_state_dict(smooth.state_dict())
+    assert (restored.multiplier, restored.ratio_ema) == pytest.approx((smooth.multiplier, smooth.ratio_ema))
+
+
+def test_bilevel_refuses_checkpoints_of_the_interleaved_scheme(tmp_path):
+    """A checkpoint of the earlier scheme (lower + outer optimizers) names the method that resumes it; a constraint-
+    form checkpoint does not load into a penalty-form run."""
+    engine, solver, _ = make_engine(tmp_path, method="bilevel")
+    with pytest.raises(SafepruneError, match="--method interleaved"):
+        solver.load_state_dict({"optimizers": {"lower": {}, "outer": {}}, "scaler": {}})
+    _, constrained, _ = make_engine(tmp_path / "c", method="bilevel", quality_tolerance=0.1)
+    with pytest.raises(SafepruneError, match="quality-tolerance"):
+        solver.load_state_dict(constrained.state_dict())
 
 
 def test_alternating_upper_optimizer_has_its_own_learning_rate(tmp_path):
@@ -370,9 +490,9 @@ def test_trajectory_prompts_with_stripped_anchor(tmp_path):
 
 
 @pytest.mark.parametrize("preserve", [False, True])
-def test_joint_forward_outer_step_has_the_same_gradient(tmp_path, preserve):
+def test_joint_forward_step_has_the_same_gradient(tmp_path, preserve):
     """--bilevel-joint-forward (ESD on the whole student): one student forward over [data | concept (| preserve)]
-    rows and one backward give the outer optimizer lambda * d L_ft + d L_cu, as two separate passes do, and the
+    rows and one backward give the student's optimizer lambda * d L_ft + d L_cu, as two separate passes do, and the
     same loss values; an objective with a restricted parameter set is refused."""
     lam = float(torch.empty(()).uniform_(0.5, 4.0))
     extra = dict(preserve=["a photo"], preserve_weight=0.5) if preserve else {}
@@ -381,12 +501,12 @@ def test_joint_forward_outer_step_has_the_same_gradient(tmp_path, preserve):
     assert engine.joint_forward_possible
     solver = build_solver(engine, engine.config, make_optimizer=recording_adamw)
     params = all_trainable(engine)
-    solver.step(0)  # inner
+    solver.step(0)
     g_ft, g_cu = independent_gradients(engine, params, include_concept=True)
     RecordingAdamW.log = []
-    scalars = solver.step(1)  # outer
+    scalars = solver.step(1)
     (optimizer, seen), = RecordingAdamW.log
-    assert optimizer is solver.optimizers["outer"]
+    assert optimizer is solver.optimizers["student"]
     reached = 0
     for param, ft, cu in zip(params, g_ft, g_cu):
         expected = sum(g for g in (None if ft is None else lam * ft, cu) if g is not None)

@@ -12,6 +12,7 @@ every lower-level tensor (teacher features, taps, predictions) before that upper
 """
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -49,6 +50,20 @@ class TeacherOutputs:
         them resident."""
         self.data_prediction = None
         self.data_features = []
+
+
+@dataclass
+class LowerModel:
+    """A model trained on L_ft alone (the bilevel solver's value model): its module, the taps on its blocks and its
+    own feature projections."""
+
+    module: nn.Module
+    taps: BlockTaps
+    projections: FeatureProjections | None = None
+
+    def parameters(self) -> list[nn.Parameter]:
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        return params + (list(self.projections.parameters()) if self.projections is not None else [])
 
 
 @dataclass
@@ -234,24 +249,38 @@ class TrainingEngine:
         self.concepts = CachedTargetSource(batches, {k: torch.cat(v) for k, v in predictions.items()})
 
     # ---- losses ------------------------------------------------------------------------------------
-    def lower_loss(self, data: DataBatch, teacher: TeacherOutputs, runner: nn.Module | None = None) -> LowerLoss:
+    def lower_loss(self, data: DataBatch, teacher: TeacherOutputs, runner: nn.Module | None = None,
+                   model: LowerModel | None = None) -> LowerLoss:
         """L_ft = w_diff L_diff + w_out L_out + w_feat L_feat on the data rows (student forward inside).
 
         runner: what runs the student's forward (default the student; a ZeRO solver passes its DeepSpeed engine,
-        which wraps the same module, so the taps on the student's blocks still fire)."""
-        capture = self.student_taps.capture() if self.needs_features else nullcontext([])
-        student = self.student if runner is None else runner
+        which wraps the same module, so the taps on the student's blocks still fire). model: another model trained
+        on L_ft (the value model, see make_value_model) instead of the student."""
+        taps = self.student_taps if model is None else model.taps
+        capture = taps.capture() if self.needs_features else nullcontext([])
+        student = model.module if model is not None else self.student if runner is None else runner
         with capture as student_maps, self.autocast():
             prediction = student(data.latents, data.timesteps, encoder_hidden_states=data.text_emb).sample
-        return self.lower_loss_from(prediction, list(student_maps), data, teacher)
+        projections = self.projections if model is None else model.projections
+        return self.lower_loss_from(prediction, list(student_maps), data, teacher, projections)
+
+    def make_value_model(self) -> LowerModel:
+        """A trainable copy of the student (and its feature projections) for estimating min L_ft: it starts where the
+        student starts and is trained on L_ft only, on the same batches and teacher outputs."""
+        module = copy.deepcopy(self.student)
+        self.student_taps.strip_copied_hooks(module)
+        projections = copy.deepcopy(self.projections) if self.projections is not None else None
+        return LowerModel(module, BlockTaps(module, self.student_taps.names), projections)
 
     @property
     def needs_features(self) -> bool:
         return self.config.w_feat > 0 and bool(self.student_taps.names)
 
     def lower_loss_from(self, prediction: torch.Tensor, student_maps: list[torch.Tensor], data: DataBatch,
-                        teacher: TeacherOutputs) -> LowerLoss:
-        """L_ft from the student's prediction on the data rows and its tapped block outputs there."""
+                        teacher: TeacherOutputs, projections: FeatureProjections | None = None) -> LowerLoss:
+        """L_ft from the student's prediction on the data rows and its tapped block outputs there (projections:
+        the feature projections to use, default the engine's)."""
+        projections = self.projections if projections is None else projections
         cfg = self.config
         need_features = self.needs_features
         parts = {"diff": diffusion_loss(prediction, data.target, data.timesteps, self.alphas_cumprod, cfg.snr_gamma,
@@ -262,11 +291,11 @@ class TrainingEngine:
             parts["out"] = output_kd_loss(prediction, teacher.data_prediction)
             distill = cfg.w_out * parts["out"]
             if need_features:
-                parts["feat"] = feature_kd_loss(student_maps, teacher_maps, self.projections)
+                parts["feat"] = feature_kd_loss(student_maps, teacher_maps, projections)
                 distill = distill + cfg.w_feat * parts["feat"]
         else:  # the output and every feature pair in one fused distill_loss call
             distill, distill_parts = distillation_losses(
-                prediction, teacher.data_prediction, student_maps, teacher_maps, self.projections, cfg.w_out,
+                prediction, teacher.data_prediction, student_maps, teacher_maps, projections, cfg.w_out,
                 cfg.w_feat if need_features else 0.0, backend=cfg.kernels)
             parts.update(distill_parts)
         total = cfg.w_diff * parts["diff"] + distill

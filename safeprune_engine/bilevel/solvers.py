@@ -1,10 +1,10 @@
 """Solvers: how lower (quality) and upper (concept suppression) updates are scheduled. All share one engine.
 
-- bilevel: the paper's first-order penalty form of  min L_cu(θ) s.t. θ ∈ argmin L_ft. Each outer iteration
-  is K inner steps on L_ft followed by one penalised step on L_cu(θ) + λ·(L_ft(θ) − v), where v is a tracked
-  estimate of min L_ft (the value function; it has no θ-gradient, so it is tracked, not optimised). Inner and
-  outer steps keep separate AdamW states (lr and lr_upper): in one shared state the second moments are set by
-  the far more frequent inner gradients and the outer step's L_cu direction would be normalised away.
+- bilevel: the paper's first-order penalty method for  min L_cu(θ) s.t. θ ∈ argmin L_ft: every student step
+  follows d L_cu + λ·d L_ft. λ is fixed (penalty form) or, with --quality-tolerance, the multiplier of
+  L_ft(θ) <= (1 + tol)·min L_ft found by dual ascent against a value model ϑ (constraint form). See Bilevel.
+- interleaved: the earlier scheme: K inner student steps on L_ft alone, then one penalised step on
+  λ·L_ft + L_cu with its own optimizer (lr_upper). L_cu reaches only every (K+1)-th step.
 - alternating: the public reference code. An AdamW step on L_ft every iteration and, every N-th iteration,
   a second AdamW (its own learning rate) step on L_cu over the same weights.
 - two-stage: the baseline. Distill for S steps, then erase for E steps with ESD whose frozen reference is
@@ -21,7 +21,8 @@ import torch
 from ..errors import SafepruneError
 from ..memory import optimizer_factory
 from ..registry import Registry
-from .engine import TrainingEngine, accumulate_gradients
+from .constraint import DualMultiplier
+from .engine import LowerLoss, TrainingEngine, accumulate_gradients
 
 SOLVERS: Registry = Registry("method")
 
@@ -153,15 +154,125 @@ class Alternating(Solver):
 
 @SOLVERS.register("bilevel")
 class Bilevel(Solver):
+    """The paper's first-order penalty method for  min L_cu(θ) s.t. θ ∈ argmin L_ft.
+
+    The penalty objective is  L_cu(θ) + λ·(L_ft(θ) − L_ft(ϑ)), minimised over θ and maximised over ϑ, with K inner
+    steps on ϑ per outer step. Its θ-gradient is  d L_cu + λ·d L_ft: the lower level does not depend on θ here,
+    so ϑ (which only estimates the value min L_ft) changes no θ gradient. Every student step therefore follows
+    d L_cu + λ·d L_ft with one optimizer (lr), the concept rows riding in every step.
+
+    Penalty form (--quality-tolerance none): λ = --bilevel-lambda, fixed, and no ϑ is kept (it would cost a
+    model copy and a forward+backward per step and change nothing).
+    Constraint form (--quality-tolerance TOL): minimise L_cu subject to L_ft(θ) <= (1 + TOL)·min L_ft. ϑ is kept
+    as the value model: a copy of the student trained on L_ft alone, K inner steps per outer step, the first on
+    the outer step's own batch and teacher outputs so the ratio L_ft(θ)/L_ft(ϑ) is paired; λ becomes the
+    constraint's multiplier, found by dual ascent from --bilevel-lambda (bilevel.constraint.DualMultiplier).
+    """
+
     def __init__(self, engine, config, make_optimizer=None):
         super().__init__(engine, config, make_optimizer)
-        self.optimizers["lower"] = self.make_optimizer(engine.lower_parameters(), config.lr)
-        self.optimizers["outer"] = self.make_optimizer(engine.lower_parameters(), config.effective_lr_upper, "outer")
+        self.optimizers["student"] = self.make_optimizer(engine.lower_parameters(), config.lr)
         if config.bilevel_joint_forward and not engine.joint_forward_possible:
             raise SafepruneError(f"--bilevel-joint-forward: --erase-method {config.erase_method} does not train the "
                                  "whole student with an unmasked gradient, so its upper gradient must come from a "
                                  "forward of its own; use --erase-method esd, or leave the option off")
-        self.value_estimate: float | None = None  # tracked min L_ft (the value function)
+        self.dual: DualMultiplier | None = None
+        self.value_model = None
+        if config.quality_tolerance is not None:
+            self.dual = DualMultiplier(config.quality_tolerance, config.bilevel_lambda)
+            self.value_model = engine.make_value_model()
+            self.optimizers["value"] = self.make_optimizer(self.value_model.parameters(), config.lr)
+
+    @property
+    def multiplier(self) -> float:
+        """λ of this step: fixed (penalty form) or the constraint's current multiplier."""
+        return self.dual.multiplier if self.dual is not None else self.config.bilevel_lambda
+
+    def value_steps(self, data, teacher) -> float:
+        """K inner steps of ϑ on L_ft; returns ϑ's L_ft on the outer step's batch, measured before its update."""
+        paired = None
+        for k in range(self.config.bilevel_inner_steps):
+            if k > 0:  # later inner steps draw batches of their own
+                data, _, teacher = self.teacher_step()
+            self.optimizers["value"].zero_grad(set_to_none=True)
+            loss = self.engine.lower_loss(data, teacher, model=self.value_model)
+            self.backward(loss.total)
+            self.optimizer_step("value")
+            self.finish_step()  # a GradScaler steps each optimizer once per update
+            paired = as_float(loss.total) if paired is None else paired
+        return paired
+
+    def mean_over_ranks(self, *values: float) -> list[float]:
+        """The same numbers on every rank, so every rank's multiplier stays identical."""
+        context = getattr(self.engine, "context", None)
+        if context is None or context.world_size == 1:
+            return list(values)
+        return context.mean(torch.tensor(values, dtype=torch.float64, device=self.engine.device)).tolist()
+
+    def step(self, iteration: int) -> dict[str, float]:
+        self.zero_grad()
+        data, concept, teacher = self.teacher_step(include_concept=True)
+        value_loss = self.value_steps(data, teacher) if self.value_model is not None else None
+        if self.config.bilevel_joint_forward:  # one forward over [data | concept], one backward
+            lower, upper = self.engine.joint_losses(data, concept, teacher, runner=self.runner)
+            self.update_multiplier(lower, value_loss)
+            self.backward(self.multiplier * lower.total + upper)
+        else:
+            lower = self.engine.lower_loss(data, teacher, runner=self.runner)
+            self.update_multiplier(lower, value_loss)
+            self.backward(lower.total * self.multiplier)
+            teacher.release_data()
+            upper = self.engine.upper_loss(concept, teacher, runner=self.runner)
+            self.accumulate(upper, self.engine.upper_parameters())
+        self.optimizer_step("student")
+        self.finish_step()
+        extra = {"penalty/lambda": self.multiplier}
+        if self.dual is not None:
+            extra.update(self.dual.scalars(), **{"loss/ft_value": value_loss})
+        return self.scalars(lower, upper, **extra)
+
+    def update_multiplier(self, lower: LowerLoss, value_loss: float | None) -> None:
+        if self.dual is not None:
+            self.dual.update(*self.mean_over_ranks(as_float(lower.total), value_loss))
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.dual is not None:
+            state.update(self.dual.state_dict())
+            state["value_model"] = {k: v.detach().cpu() for k, v in self.value_model.module.state_dict().items()}
+            if self.value_model.projections is not None:
+                state["value_projections"] = {k: v.detach().cpu()
+                                              for k, v in self.value_model.projections.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if "outer" in state["optimizers"] and "student" not in state["optimizers"]:
+            raise SafepruneError("this checkpoint was written by the earlier interleaved bilevel scheme (inner steps "
+                                 "on L_ft, then a penalised outer step); resume it with --method interleaved")
+        if (self.dual is not None) != ("dual" in state):
+            raise SafepruneError("this checkpoint was written with" + (" no" if self.dual is not None else " a")
+                                 + " --quality-tolerance; resume it with the same setting")
+        super().load_state_dict(state)
+        if self.dual is not None:
+            self.dual.load_state_dict(state)
+            self.value_model.module.load_state_dict(state["value_model"])
+            if self.value_model.projections is not None:
+                self.value_model.projections.load_state_dict(state["value_projections"])
+
+
+@SOLVERS.register("interleaved")
+class Interleaved(Solver):
+    """The earlier bilevel scheme, kept under its own name: K inner steps move the student ITSELF on L_ft alone
+    (lower optimizer, lr), then one outer step follows λ·d L_ft + d L_cu (its own optimizer, lr_upper: in one shared
+    state the second moments are set by the far more frequent inner gradients and the outer step's L_cu direction
+    would be normalised away). A tracked estimate of min L_ft (EMA, running minimum) is logged as the value gap.
+    Not the paper's penalty method (see Bilevel): L_cu reaches only every (K+1)-th step."""
+
+    def __init__(self, engine, config, make_optimizer=None):
+        super().__init__(engine, config, make_optimizer)
+        self.optimizers["lower"] = self.make_optimizer(engine.lower_parameters(), config.lr)
+        self.optimizers["outer"] = self.make_optimizer(engine.lower_parameters(), config.effective_lr_upper, "outer")
+        self.value_estimate: float | None = None  # tracked min L_ft
         self.ema_lower: float | None = None
 
     def is_outer_step(self, iteration: int) -> bool:
@@ -186,15 +297,11 @@ class Bilevel(Solver):
             self.track_value(as_float(lower.total))
             return self.scalars(lower, value_estimate=self.value_estimate)
         data, concept, teacher = self.teacher_step(include_concept=True)
-        if self.config.bilevel_joint_forward:  # one forward over [data | concept], one backward
-            lower, upper = self.engine.joint_losses(data, concept, teacher, runner=self.runner)
-            self.backward(lam * lower.total + upper)
-        else:
-            lower = self.engine.lower_loss(data, teacher, runner=self.runner)
-            self.backward(lower.total * lam)
-            teacher.release_data()
-            upper = self.engine.upper_loss(concept, teacher, runner=self.runner)
-            self.accumulate(upper, self.engine.upper_parameters())
+        lower = self.engine.lower_loss(data, teacher, runner=self.runner)
+        self.backward(lower.total * lam)
+        teacher.release_data()
+        upper = self.engine.upper_loss(concept, teacher, runner=self.runner)
+        self.accumulate(upper, self.engine.upper_parameters())
         self.optimizer_step("outer")
         self.finish_step()
         value = self.value_estimate if self.value_estimate is not None else as_float(lower.total)

@@ -87,6 +87,13 @@ class BlockTaps:
             self.enabled, self.rows = False, None
             self.outputs = [None] * len(self.names)  # the yielded list stays the caller's; no reference kept here
 
+    def strip_copied_hooks(self, module: nn.Module) -> None:
+        """Remove these taps' hooks from a deep copy of the tapped model (deepcopy copies the hook entries, which
+        would still record into this object), so the copy can get taps of its own."""
+        for sub in module.modules():
+            for handle in self._handles:
+                sub._forward_hooks.pop(handle.id, None)
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()

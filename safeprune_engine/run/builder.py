@@ -204,7 +204,7 @@ def build_engine(config: RunConfig, teacher, student, data_folder, cache_dir: Pa
 
     # 4. the teacher's upper-level targets on a fixed concept pool, once (two-stage's targets come from the student
     # it freezes mid-run, so they cannot be computed now)
-    if config.concept_targets == "cached" and config.method in ("bilevel", "alternating"):
+    if config.concept_targets == "cached" and config.method in ("bilevel", "interleaved", "alternating"):
         engine.cache_concept_targets(config.concept_target_pool, progress=progress)
         if isinstance(engine.concepts, CachedTargetSource):
             log.info("concept targets: %d pool rows x %d conditions cached (%.1f MiB)", len(engine.concepts),
