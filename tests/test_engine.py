@@ -320,9 +320,9 @@ def test_bilevel_penalty_every_step_follows_upper_plus_lambda_lower(tmp_path):
 
 @pytest.mark.parametrize("inner_steps", [1, 3])
 def test_bilevel_constraint_form_value_model_and_multiplier(tmp_path, inner_steps):
-    """--quality-tolerance: the value model (a copy of the student) takes K steps on its own L_ft per outer step,
-    the first on the outer step's batch; the multiplier is updated from the paired ratio L_ft(student) /
-    L_ft(value model) on that batch, and the student then follows d L_cu + mu d L_ft."""
+    """--quality-tolerance: the multiplier takes a dual-ascent step from L_ft of the student and of the value model
+    on the fixed probe set; the value model (a copy of the student) then takes K steps on its own L_ft, the first on
+    the outer step's batch and teacher outputs; the student follows d L_cu + mu d L_ft with the updated mu."""
     from safeprune_engine.bilevel.constraint import DualMultiplier
 
     lam0 = 2.0
@@ -335,19 +335,26 @@ def test_bilevel_constraint_form_value_model_and_multiplier(tmp_path, inner_step
         assert torch.equal(a, b), name  # it starts where the student starts
     params = all_trainable(engine)
 
+    with torch.no_grad():
+        losses = [0.0, 0.0]
+        for batch in solver.probe:
+            teacher = engine.teacher_pass(batch, None)
+            for i, model in enumerate((None, value)):
+                losses[i] += float(engine.lower_loss(batch, teacher, model=model).total) * batch.latents.shape[0]
+    rows = sum(batch.latents.shape[0] for batch in solver.probe)
+    reference = DualMultiplier(0.05, lam0)
+    reference.update(losses[0] / rows, losses[1] / rows)
+    assert reference.multiplier < lam0  # identical models: full slack, the multiplier goes down
+
     state = draws(engine)
     data = engine.sample_data_batch()
     concept = engine.sample_concept_batch()
     teacher = engine.teacher_pass(data, concept, features=True)
-    student_loss = float(engine.lower_loss(data, teacher).total.detach())
     value_loss = engine.lower_loss(data, teacher, model=value).total
     value_grads = torch.autograd.grad(value_loss, value.parameters(), allow_unused=True)
     replay(engine, state)
-    reference = DualMultiplier(0.05, lam0)
-    reference.update(student_loss, float(value_loss))
-
-    # the student's expected gradient with the updated multiplier, on the same draws (value steps after the first
-    # draw batches of their own, so the student's gradients are computed on the first draw only)
+    # value steps after the first draw batches of their own, after the student's draw: the student's gradients are
+    # those of the first draw
     expected = expected_penalty_gradients(engine, params, reference.multiplier)
     RecordingAdamW.log = []
     scalars = solver.step(0)
@@ -363,9 +370,24 @@ def test_bilevel_constraint_form_value_model_and_multiplier(tmp_path, inner_step
     assert scalars["loss/ft_value"] == pytest.approx(float(value_loss), rel=1e-5)
 
 
+def test_probe_batches_are_fixed_and_spread_over_the_schedule(tmp_path):
+    """The constraint's probe set: the same rows for the same seed, timesteps evenly spread over the schedule, and
+    drawing it leaves the run's own random stream untouched."""
+    engine, _, _ = make_engine(tmp_path, method="distill-only")
+    before = engine.generator.get_state()
+    first, again = engine.probe_batches(6, seed=3), engine.probe_batches(6, seed=3)
+    assert torch.equal(engine.generator.get_state(), before)
+    assert [b.latents.shape[0] for b in first] == [2, 2, 2]  # batches of batch_size
+    timesteps = torch.cat([b.timesteps for b in first])
+    assert timesteps.tolist() == sorted(timesteps.tolist()) and timesteps[0] < 100 and timesteps[-1] > 900
+    for a, b in zip(first, again):
+        assert torch.equal(a.latents, b.latents) and torch.equal(a.target, b.target)
+    assert not torch.equal(first[0].latents, engine.probe_batches(6, seed=4)[0].latents)
+
+
 def test_dual_multiplier_moves_on_a_log_scale_toward_the_tolerance():
     """Dual ascent on log mu: up while the smoothed ratio exceeds 1 + tol, down while it is below, by rate x the
-    violation in units of the tolerance (clipped to [-1, 3]), within [mu0 / 1e3, mu0 * 1e3]."""
+    violation in units of the tolerance (clipped to [-1, 1]), within [mu0 / 1e3, mu0 * 1e3]."""
     import math
 
     from safeprune_engine.bilevel.constraint import DualMultiplier
@@ -376,8 +398,10 @@ def test_dual_multiplier_moves_on_a_log_scale_toward_the_tolerance():
     assert dual.slack == pytest.approx(-0.1)
     dual.update(1.0, 1.0)  # ratio 1.0: full slack -> down by one unit
     assert dual.multiplier == pytest.approx(5.0)
-    dual.update(10.0, 1.0)  # a huge violation is clipped to 3 units
-    assert dual.multiplier == pytest.approx(5.0 * math.exp(0.15))
+    dual.update(1.15, 1.0)  # half a unit
+    assert dual.multiplier == pytest.approx(5.0 * math.exp(0.025))
+    dual.update(10.0, 1.0)  # a huge violation is clipped to 1 unit
+    assert dual.multiplier == pytest.approx(5.0 * math.exp(0.075))
     for _ in range(1000):
         dual.update(0.5, 1.0)
     assert dual.multiplier == pytest.approx(5.0 / 1e3)  # the lower bound

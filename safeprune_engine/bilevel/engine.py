@@ -172,6 +172,27 @@ class TrainingEngine:
         target = self.scheduler.get_velocity(z0, noise, t) if self.prediction_type == "v_prediction" else noise
         return DataBatch(latents=z_t, timesteps=t, text_emb=self.data.text_emb[index], target=target)
 
+    def probe_batches(self, rows: int, seed: int) -> list[DataBatch]:
+        """A fixed set of `rows` noised data rows, in batches of at most batch_size, for measuring L_ft the same way
+        at every check: drawn from its own generator (the run's draws are unchanged), with timesteps spread evenly
+        over the schedule (the diffusion loss varies by an order of magnitude with the timestep, so a random draw of
+        timesteps would move the measured loss more than the models do)."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        index = torch.randperm(len(self.data), generator=generator, device=self.device)[:rows]
+        if index.numel() < rows:  # a data set smaller than the probe: reuse images under other noise and timesteps
+            index = index.repeat((rows + index.numel() - 1) // index.numel())[:rows]
+        total = self.scheduler.config.num_train_timesteps
+        timesteps = ((torch.arange(rows, device=self.device) + 0.5) * total / rows).long().clamp_(max=total - 1)
+        batches = []
+        for start in range(0, rows, self.config.batch_size):
+            part, t = index[start:start + self.config.batch_size], timesteps[start:start + self.config.batch_size]
+            z0 = self.data.sample_latents(part, generator)
+            noise = torch.randn(z0.shape, generator=generator, device=self.device, dtype=z0.dtype)
+            target = self.scheduler.get_velocity(z0, noise, t) if self.prediction_type == "v_prediction" else noise
+            batches.append(DataBatch(latents=self.scheduler.add_noise(z0, noise, t), timesteps=t,
+                                     text_emb=self.data.text_emb[part], target=target))
+        return batches
+
     def sample_concept_batch(self) -> ConceptBatch | None:
         """A concept batch, or None for an objective that needs no latents (UCE works from text embeddings)."""
         if self.objective is not None and self.objective.latents is None:

@@ -25,6 +25,9 @@ from .constraint import DualMultiplier
 from .engine import LowerLoss, TrainingEngine, accumulate_gradients
 
 SOLVERS: Registry = Registry("method")
+# the constraint form's check: every CHECK_EVERY steps, on PROBE_BATCHES fixed batches of the training batch size
+CHECK_EVERY = 10
+PROBE_BATCHES = 4
 
 # (params, lr, role) -> optimizer: how every optimizer of a solver is built (memory.optimizer_factory picks it per
 # run); role "lower" steps every iteration, "outer" once per period (bilevel's outer, alternating's upper step)
@@ -182,6 +185,8 @@ class Bilevel(Solver):
             self.dual = DualMultiplier(config.quality_tolerance, config.bilevel_lambda)
             self.value_model = engine.make_value_model()
             self.optimizers["value"] = self.make_optimizer(self.value_model.parameters(), config.lr)
+            self.probe = engine.probe_batches(PROBE_BATCHES * config.batch_size, seed=config.seed + 2)
+        self.probed: dict[str, float] = {}  # the last check's probe-set losses, logged until the next check
 
     @property
     def multiplier(self) -> float:
@@ -189,7 +194,8 @@ class Bilevel(Solver):
         return self.dual.multiplier if self.dual is not None else self.config.bilevel_lambda
 
     def value_steps(self, data, teacher) -> float:
-        """K inner steps of ϑ on L_ft; returns ϑ's L_ft on the outer step's batch, measured before its update."""
+        """K inner steps of ϑ on L_ft, the first on the outer step's batch and teacher outputs (no teacher pass of its
+        own); returns ϑ's L_ft on that batch, measured before its update."""
         paired = None
         for k in range(self.config.bilevel_inner_steps):
             if k > 0:  # later inner steps draw batches of their own
@@ -209,31 +215,48 @@ class Bilevel(Solver):
             return list(values)
         return context.mean(torch.tensor(values, dtype=torch.float64, device=self.engine.device)).tolist()
 
+    @torch.no_grad()
+    def probe_losses(self) -> tuple[float, float]:
+        """L_ft of the student and of the value model on the fixed probe set (row-weighted means)."""
+        engine, totals, rows = self.engine, [0.0, 0.0], 0
+        for batch in self.probe:
+            teacher = engine.teacher_pass(batch, None, features=self.config.w_feat > 0)
+            count = batch.latents.shape[0]
+            totals[0] += as_float(engine.lower_loss(batch, teacher, runner=self.runner).total) * count
+            totals[1] += as_float(engine.lower_loss(batch, teacher, model=self.value_model).total) * count
+            rows += count
+        return totals[0] / rows, totals[1] / rows
+
+    def check_constraint(self, iteration: int) -> dict[str, float]:
+        """Every CHECK_EVERY steps (and at the first): one dual-ascent step from the probe-set losses."""
+        if self.dual is None:
+            return {}
+        if iteration % CHECK_EVERY == 0:
+            student_loss, value_loss = self.mean_over_ranks(*self.probe_losses())
+            self.dual.update(student_loss, value_loss)
+            self.probed = {"constraint/ft_student": student_loss, "constraint/ft_value": value_loss}
+        return {**self.dual.scalars(), **self.probed}
+
     def step(self, iteration: int) -> dict[str, float]:
+        checked = self.check_constraint(iteration)
         self.zero_grad()
         data, concept, teacher = self.teacher_step(include_concept=True)
         value_loss = self.value_steps(data, teacher) if self.value_model is not None else None
         if self.config.bilevel_joint_forward:  # one forward over [data | concept], one backward
             lower, upper = self.engine.joint_losses(data, concept, teacher, runner=self.runner)
-            self.update_multiplier(lower, value_loss)
             self.backward(self.multiplier * lower.total + upper)
         else:
             lower = self.engine.lower_loss(data, teacher, runner=self.runner)
-            self.update_multiplier(lower, value_loss)
             self.backward(lower.total * self.multiplier)
             teacher.release_data()
             upper = self.engine.upper_loss(concept, teacher, runner=self.runner)
             self.accumulate(upper, self.engine.upper_parameters())
         self.optimizer_step("student")
         self.finish_step()
-        extra = {"penalty/lambda": self.multiplier}
-        if self.dual is not None:
-            extra.update(self.dual.scalars(), **{"loss/ft_value": value_loss})
+        extra = {"penalty/lambda": self.multiplier, **checked}
+        if value_loss is not None:
+            extra["loss/ft_value"] = value_loss
         return self.scalars(lower, upper, **extra)
-
-    def update_multiplier(self, lower: LowerLoss, value_loss: float | None) -> None:
-        if self.dual is not None:
-            self.dual.update(*self.mean_over_ranks(as_float(lower.total), value_loss))
 
     def state_dict(self) -> dict:
         state = super().state_dict()
