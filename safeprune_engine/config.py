@@ -30,7 +30,8 @@ IDENTITY_FIELDS = (
     "w_diff", "w_out", "w_feat", "snr_gamma", "erase_method", "eta", "bilevel_lambda", "bilevel_inner_steps",
     "quality_tolerance",
     "upper_every", "two_stage_erase_steps", "esd_pool_size", "esd_ddim_steps", "esd_guidance",
-    "prune_method", "prune_calibration_batches", "preserve", "preserve_weight", "uce_when", "uce_lambda",
+    "prune_method", "prune_calibration_batches", "preserve", "preserve_from_data", "preserve_weight", "uce_when",
+    "uce_lambda",
     "salun_base", "salun_topk", "salun_batches",
     "use_8bit_adam", "outer_optimizer", "teacher_int8", "teacher_dtype", "concept_targets", "concept_target_pool",
 )
@@ -68,6 +69,9 @@ class RunConfig:
                                       "caption minus the concept) | any other text; repeat to give each --erase "
                                       "its own")
     preserve: list[str] = setting([], "a prompt whose outputs are held to the teacher's (repeatable)", unset="none")
+    preserve_from_data: int = setting(0, "also hold the N fine-tuning captions nearest the erase prompts (text-encoder "
+                                      "similarity; none naming an --erase concept) to the teacher, like --preserve "
+                                      "prompts: protects look-alike concepts the data shows without naming them")
     preserve_weight: float = setting(1.0, "weight of holding the --preserve prompts")
 
     prune_ratio: float | None = setting(0.5, "fraction of internal width units removed, in (0, 1)")
@@ -309,6 +313,8 @@ class RunConfig:
                 raise SafepruneError("a --preserve prompt is empty")
         if self.preserve_weight < 0:
             raise SafepruneError(f"--preserve-weight must be >= 0, got {self.preserve_weight}")
+        if self.preserve_from_data < 0:
+            raise SafepruneError(f"--preserve-from-data must be >= 0, got {self.preserve_from_data}")
         if self.erase_method == "uce":
             from .unlearn.uce import parse_uce_when
 

@@ -143,9 +143,11 @@ class TrainingEngine:
 
     @property
     def preserve_active(self) -> bool:
-        """--preserve prompts hold the student's outputs to the teacher's on the concept latents."""
+        """Preserve prompts (--preserve, --preserve-from-data) hold the student's outputs to the teacher's on the
+        concept latents."""
+        preserve = self.prompts.preserve if self.prompts is not None else getattr(self.config, "preserve", None)
         return (self.objective is not None and self.objective.latents is not None
-                and bool(getattr(self.config, "preserve", None)) and getattr(self.config, "preserve_weight", 0) > 0)
+                and bool(preserve) and getattr(self.config, "preserve_weight", 0) > 0)
 
     @property
     def teacher_conditions(self) -> tuple[str, ...]:

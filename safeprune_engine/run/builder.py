@@ -166,7 +166,7 @@ def build_engine(config: RunConfig, teacher, student, data_folder, cache_dir: Pa
         if config.method != "distill-only":
             objective = build_objective(config)
             session.check_objective(objective)
-            prompts = encode_concept_prompts(config, teacher).to(device)
+            prompts = encode_concept_prompts(config, teacher, data_folder.captions).to(device)
             concept_source = session.main_first(lambda: make_concept_source(
                 config, teacher, teacher_unet, teacher_fingerprint, prompts, objective, cache_dir, latent_size,
                 device, progress))

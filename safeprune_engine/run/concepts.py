@@ -9,20 +9,55 @@ import torch
 from ..config import RunConfig
 
 
-def encode_concept_prompts(config: RunConfig, teacher):
-    """ConceptPrompts: the erase prompts, each one's --erase concept and anchor, and the --preserve prompts."""
+def encode_concept_prompts(config: RunConfig, teacher, data_captions: list[str] | None = None):
+    """ConceptPrompts: the erase prompts, each one's --erase concept and anchor, and the preserve prompts (--preserve,
+    and with --preserve-from-data N the N fine-tuning captions nearest the erase prompts)."""
     from ..data.cache import encode_prompts
     from ..unlearn.base import ConceptPrompts
     from ..unlearn.sources import anchor_for
 
     prompts = list(config.erase_prompts or config.erase)
     resolved = [anchor_for(p, config.erase, config.anchors) for p in prompts]
+    concept_emb = encode_prompts(teacher, prompts)
+    preserve = list(config.preserve)
+    if config.preserve_from_data and data_captions:
+        preserve += nearest_captions(teacher, data_captions, concept_emb, config.erase, config.preserve_from_data,
+                                     seed=config.seed)
     return ConceptPrompts(
         concepts=list(config.erase), prompts=prompts, anchors=[a for _, a in resolved],
-        concept_emb=encode_prompts(teacher, prompts), anchor_emb=encode_prompts(teacher, [a for _, a in resolved]),
+        concept_emb=concept_emb, anchor_emb=encode_prompts(teacher, [a for _, a in resolved]),
         prompt_concept=torch.tensor([i for i, _ in resolved], dtype=torch.long),
-        preserve=list(config.preserve), preserve_emb=encode_prompts(teacher, list(config.preserve)),
+        preserve=preserve, preserve_emb=encode_prompts(teacher, preserve),
     )
+
+
+# captions scored for --preserve-from-data at most (a random subset of larger data sets, seeded)
+NEAREST_CANDIDATES = 4096
+
+
+def nearest_captions(teacher, captions: list[str], concept_emb: torch.Tensor, concepts: list[str], count: int,
+                     seed: int = 0) -> list[str]:
+    """The `count` distinct fine-tuning captions closest to the erase prompts in the text encoder's space (cosine of
+    token-averaged hidden states, best match over the erase prompts), leaving out empty captions and any that name
+    an --erase concept. These are the prompts an erasure is most likely to damage on the way (a look-alike style
+    the data shows), so holding them to the teacher protects them without naming them by hand."""
+    from ..data.cache import encode_prompts
+
+    names = [c.lower() for c in concepts]
+    unique = sorted({c for c in captions if c.strip() and not any(n in c.lower() for n in names)})
+    if len(unique) > NEAREST_CANDIDATES:
+        generator = torch.Generator().manual_seed(seed)
+        unique = [unique[i] for i in torch.randperm(len(unique), generator=generator)[:NEAREST_CANDIDATES].tolist()]
+    if not unique:
+        return []
+
+    def pooled(emb: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(emb.float().mean(dim=1), dim=-1)
+
+    scores = (pooled(encode_prompts(teacher, unique)) @ pooled(concept_emb).to(teacher.text_encoder.device).T)
+    best = scores.max(dim=1).values
+    order = torch.argsort(best, descending=True, stable=True)[:count]
+    return [unique[i] for i in order.tolist()]
 
 
 def make_concept_source(config: RunConfig, teacher, teacher_unet, teacher_fingerprint: str, prompts, objective,
