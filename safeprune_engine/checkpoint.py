@@ -8,6 +8,10 @@ Layout of <out>/checkpoints/step-00000100/:
   trainer_state.json  step, run identity, teacher fingerprint, student architecture
 A checkpoint is written to a temporary folder and renamed into place, so an interrupted save never leaves a
 checkpoint that looks complete.
+
+Snapshots (--snapshot-steps) are the student's weights alone, <out>/snapshots/step-00000100/ (save_pretrained:
+config.json + safetensors, a unet folder a pipeline can take), written the same way and never removed by
+--keep-checkpoints.
 """
 from __future__ import annotations
 
@@ -67,6 +71,36 @@ def save_checkpoint(out_dir: str | Path, step: int, student, projections, state:
     tmp.rename(final)
     for old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def snapshot_root(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "snapshots"
+
+
+def snapshot_path(out_dir: str | Path, step: int) -> Path:
+    return snapshot_root(out_dir) / f"step-{step:08d}"
+
+
+def list_snapshots(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the run's complete snapshots, by step."""
+    root = snapshot_root(out_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(p.name.split("-")[1]), p) for p in root.iterdir()
+             if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() and (p / "config.json").is_file()]
+    return sorted(found)
+
+
+def save_snapshot(out_dir: str | Path, step: int, student) -> Path:
+    """The student's weights at `step` (save_pretrained, safetensors) in snapshot_path(out_dir, step)."""
+    final = snapshot_path(out_dir, step)
+    tmp = final.parent / f".tmp-{final.name}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(final, ignore_errors=True)  # the same step run again after a resume: the same weights
+    tmp.rename(final)
     return final
 
 

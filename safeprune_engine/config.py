@@ -147,6 +147,10 @@ class RunConfig:
                                     "(fingerprinted, shareable between runs)", unset="OUT/cache")
     checkpoint_every: int = setting(500, "save a checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = setting(2, "checkpoints to keep")
+    # not an identity field: snapshots are extra outputs (e.g. points of an erase-strength sweep), not what is computed
+    snapshot_steps: list[int] = setting([], "also save the student's weights alone after step N to "
+                                        "OUT/snapshots/step-N, never removed by --keep-checkpoints (repeatable)",
+                                        unset="none")
     resume: str | None = setting(None, "latest | CHECKPOINT_DIR", unset="start fresh")
     log_every: int = setting(10, "log scalars every N steps")
     progress: bool = setting(True, "progress bar")
@@ -348,6 +352,9 @@ class RunConfig:
             raise SafepruneError("--concept-batch-size must be at least 1")
         if self.checkpoint_every < 0:
             raise SafepruneError("--checkpoint-every must be >= 0")
+        for step in self.snapshot_steps:
+            if not 1 <= step <= self.steps:
+                raise SafepruneError(f"--snapshot-steps {step} is not a step of this run (1..{self.steps})")
         if self.lr <= 0 or (self.lr_upper is not None and self.lr_upper <= 0):
             raise SafepruneError("learning rates must be positive")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
@@ -423,7 +430,12 @@ def checked_value(name: str, value: Any) -> Any:
     if value is None and optional:
         return None
     if repeatable:
-        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+        items = value if isinstance(value, list) else [value]
+        if kind is int:  # bool is an int subclass, but `true` is no step number
+            if all(isinstance(item, int) and not isinstance(item, bool) for item in items):
+                return value
+            raise SafepruneError(f"{name} must be an integer or a list of integers, got {value!r}")
+        if all(isinstance(item, str) for item in items):
             return value
         raise SafepruneError(f"{name} must be a string or a list of strings, got {value!r}")
     if kind is bool:
@@ -449,7 +461,7 @@ def checked_value(name: str, value: Any) -> Any:
 
 def checked_settings(values: dict, locate: Locate) -> dict[str, Any]:
     """values by RunConfig field name: keys in either spelling (prune_ratio / prune-ratio), checked types,
-    a single text where a list is expected becomes a one-item list."""
+    a single value where a list is expected becomes a one-item list."""
     known = [f.name for f in fields(RunConfig)]
     settings: dict[str, Any] = {}
     for key, value in values.items():
@@ -467,7 +479,7 @@ def checked_settings(values: dict, locate: Locate) -> dict[str, Any]:
         raise SafepruneError(f"{locate('version', 'value')}config version {version} is newer than this "
                              f"safeprune-engine ({CONFIG_VERSION})")
     for name, value in settings.items():
-        if isinstance(value, str) and setting_type(name)[1] and name != "anchor":
+        if value is not None and not isinstance(value, list) and setting_type(name)[1] and name != "anchor":
             settings[name] = [value]
     if isinstance(settings.get("anchor"), list) and len(settings["anchor"]) == 1:
         settings["anchor"] = settings["anchor"][0]  # one anchor for every concept: the plain form

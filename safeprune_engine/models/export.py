@@ -126,26 +126,32 @@ def resolve_pipeline_dir(path: str | os.PathLike, flag: str = "--model") -> Path
                          "directory (no pipeline/model_index.json)")
 
 
-def load_pipeline(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+def load_pipeline(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, *,
+                  unet_dir: str | os.PathLike | None = None):
     """Load an exported (or any local) StableDiffusionPipeline directory without touching the network.
 
     A pipeline exported with ``remote_code=True`` is loaded with the installed package's
     PrunedUNet2DConditionModel, not the copy it ships (no code from the directory runs).
+    unet_dir: a saved UNet folder (config.json + weights, e.g. a run's OUT/snapshots/step-N) that replaces the
+    pipeline's own UNet: the pipeline's VAE, text encoder, tokenizer and scheduler with those weights.
     """
     from diffusers import StableDiffusionPipeline
 
     kwargs = {"local_files_only": True}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
-    if not ships_unet_code(path):
+    if unet_dir is None and not ships_unet_code(path):
         return StableDiffusionPipeline.from_pretrained(str(path), **kwargs).to(device)
 
     from .pruned_unet import load_student_unet
 
-    # diffusers would resolve the shipped module (and refuse without trust_remote_code), also for a passed-in unet:
-    # load the rest without a unet, then build the pipeline around the package's own class
+    if unet_dir is not None and not (Path(unet_dir) / "config.json").is_file():
+        raise SafepruneError(f"{unet_dir} is not a saved UNet folder (no config.json)")
+    # a shipped module would be resolved (and refused without trust_remote_code) even for a passed-in unet, and a
+    # replaced unet need not load at all: load the rest without a unet, then build the pipeline around the
+    # package's own class
     rest = StableDiffusionPipeline.from_pretrained(str(path), unet=None, **kwargs)
-    unet = load_student_unet(Path(path) / "unet")
+    unet = load_student_unet(Path(unet_dir) if unet_dir is not None else Path(path) / "unet")
     if dtype is not None:
         unet = unet.to(dtype)
     pipe = StableDiffusionPipeline(**{**rest.components, "unet": unet},

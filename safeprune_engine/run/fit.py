@@ -1,4 +1,5 @@
-"""The steps of a run: resume, the loop (NaN check, scalars to tensorboard and the history), checkpoints.
+"""The steps of a run: resume, the loop (NaN check, scalars to tensorboard and the history), checkpoints and
+snapshots (--snapshot-steps: the student's weights alone, kept whatever --keep-checkpoints says).
 
 A checkpoint holds everything needed to continue bit for bit: the student and projections, the solver's optimizer
 states, the data sampler and the random generator, and the objective's own state.
@@ -81,6 +82,11 @@ def fit(config: RunConfig, session, engine, solver, out: Path, start_step: int, 
     from tqdm.auto import tqdm
 
     objective = engine.objective
+    snapshots = set(config.snapshot_steps)
+    missed = sorted(n for n in snapshots if n <= start_step and not ckpt.snapshot_path(out, n).is_dir())
+    if missed and session.is_main:
+        log.warning("--snapshot-steps %s: the run resumed at step %d, after them, and has no snapshot of them",
+                    ", ".join(map(str, missed)), start_step)
     writer = scalar_writer(session, out, start_step)
     history: list[dict] = []
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc=config.method,
@@ -103,6 +109,9 @@ def fit(config: RunConfig, session, engine, solver, out: Path, start_step: int, 
                 for name, value in scalars.items():
                     writer.add_scalar(name, value, step + 1)
             bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in scalars.items() if k.startswith("loss/")})
+        # a snapshot before the checkpoint of the same step: resuming from that checkpoint never misses it
+        if step + 1 in snapshots and step + 1 < config.steps:
+            session.save_snapshot(out, step + 1, engine.student)
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
             save(step + 1)
     bar.close()
@@ -113,6 +122,8 @@ def fit(config: RunConfig, session, engine, solver, out: Path, start_step: int, 
     steps_run = config.steps - start_step
     if objective is not None and steps_run > 0:
         objective.on_train_end(engine)  # e.g. UCE's final edit: part of the last checkpoint and the export
+    if steps_run > 0 and config.steps in snapshots:  # after the final edit, like the export
+        session.save_snapshot(out, config.steps, engine.student)
     if steps_run > 0 or not ckpt.list_checkpoints(out):
         save(config.steps)
     return FitResult(history=history, steps_run=steps_run, seconds=elapsed)

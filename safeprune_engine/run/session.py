@@ -105,6 +105,9 @@ class LocalSession:
     def save_checkpoint(self, out, step, student, projections, state, meta, keep) -> Path:
         return ckpt.save_checkpoint(out, step, student, projections, state, meta, keep=keep)
 
+    def save_snapshot(self, out, step, student) -> Path:
+        return ckpt.save_snapshot(out, step, student)
+
     def final_student(self, student):
         return student
 
@@ -263,6 +266,16 @@ class DistributedSession:
         path = None
         if self.is_main:
             path = ckpt.save_checkpoint(out, step, student, projections, state, meta, keep=keep)
+        self.barrier()
+        return path
+
+    def save_snapshot(self, out, step, student) -> Path | None:
+        """Collective: ZeRO gathers the whole student (fp32 masters) first; rank 0 writes the weights."""
+        if self._zero():
+            from ..distributed.solver import gathered_student
+
+            student = gathered_student(self.solver)
+        path = ckpt.save_snapshot(out, step, student) if self.is_main else None
         self.barrier()
         return path
 
