@@ -70,7 +70,6 @@ def test_run_help_has_a_flag_per_config_field_showing_its_default():
         assert shown[2] == (str(TOY_TRAINING[name]) if name in TOY_TRAINING else None), (flag, helps[flag])
         for choice in declared[name].metadata.get("choices") or ():
             assert str(choice) in helps[flag], (flag, choice)
-    assert helps["--bilevel-lambda"].endswith("(default: 100.0; the built-in default run uses 1.0)")
-    assert helps["--bilevel-inner-steps"].endswith("(default: 20; the built-in default run uses 2)")
+    assert helps["--steps"].endswith(f"(default: {stock.steps}; the built-in default run uses {TOY_TRAINING['steps']})")
     assert "(default: 5 x lr" in helps["--lr-upper"]
     assert helps["--use-8bit-adam"].endswith("(default: False)") and "--no-progress" in helps

@@ -1,0 +1,227 @@
+"""Do the shipped bilevel defaults transfer? Train and judge every method on every world, prune ratio and seed.
+
+For each cell (world x prune ratio x seed) this prunes the world's teacher by width at that ratio and trains,
+with the built-in job's settings (TOY_TRAINING) and nothing tuned per world:
+- distill-only (the leak, and the retention every target is relative to),
+- two-stage with snapshots inside its erase phase, so its trade-off frontier has several erase strengths,
+- bilevel with the shipped defaults (plus KEY=VALUE overrides, for trials),
+then evaluates them and the teacher with the world's prompt set and judge, and checks the issue-12 targets:
+
+    erased-style rate <= 0.10, and no two-stage point retains as much (neighbour and unrelated) with less erasure;
+    content under erased prompts, neighbour-style rate, unrelated accuracy >= 0.95 x distill-only's;
+    Frechet distance (non-erased prompts) <= 1.5 x distill-only's;
+    distill-only still leaks: erased-style rate >= 0.5 x the teacher's.
+
+    python benchmarks/validate_defaults.py                       # toy and glyphs, ratios 0.3 / 0.6, seeds 0 / 1
+    python benchmarks/validate_defaults.py --worlds glyphs --jobs 2 quality_tolerance=0.1
+
+Cells run as subprocesses (--jobs at a time, one torch thread each) and are kept under --work: a rerun reuses
+finished cells with the same settings. Results: benchmarks/results/validation/<name>.json and .md, and an HTML
+page with every cell's trade-off panels.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "validation"
+METHODS = ("distill-only", "two-stage", "bilevel")
+TWO_STAGE_SNAPSHOTS = (10, 25, 50, 100)  # erase steps at which two-stage's student is also judged
+RETAINED = ("erased_content_accuracy", "neighbour_rate", "unrelated_accuracy")
+
+
+def cell_name(world: str, ratio: float, seed: int) -> str:
+    return f"{world}-r{ratio:g}-s{seed}"
+
+
+def settings_key(overrides: dict, steps: int | None) -> str:
+    return hashlib.sha256(json.dumps([overrides, steps], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_cell(world_name: str, ratio: float, seed: int, overrides: dict, steps: int | None, work: Path,
+             samples: int) -> dict:
+    """Train the three students of one cell and evaluate them (and the teacher); returns the cell's record."""
+    import torch
+
+    from safeprune_engine.config import RunConfig
+    from safeprune_engine.eval.tradeoff import describe_run, evaluate_sweep, sweep_models
+    from safeprune_engine.models.teacher import load_teacher
+    from safeprune_engine.prune.base import prune_unet
+    from safeprune_engine.run import train
+    from safeprune_engine.toy.default_run import materialize_toy_data, toy_defaults
+    from safeprune_engine.toy.prompts import toy_prompts
+    from safeprune_engine.toy.world import get_world
+
+    torch.set_num_threads(1)
+    world = get_world(world_name)
+    root = work / cell_name(world_name, ratio, seed)
+    explicit = {"prune_ratio", "seed", *overrides} | ({"steps"} if steps else set())
+    fields = dict(prune_ratio=ratio, seed=seed, progress=False, **overrides, **({"steps": steps} if steps else {}))
+    shared = toy_defaults(RunConfig(out=str(root), **fields), explicit=set(explicit), world=world)
+    materialize_toy_data(shared, world=world)
+    teacher = load_teacher(shared.teacher)
+    base = shared.replace(target_macs=None, cache_dir=str(root / "cache"), checkpoint_every=0)
+    student, report = prune_unet(teacher.unet, base.prune_method, ratio=ratio, target_macs=None,
+                                 importance=base.prune_importance)
+    seconds = {}
+    for method in METHODS:
+        config = base.replace(method=method, out=str(root / method))
+        if method != "bilevel":  # the overrides are trials of the bilevel defaults; the baselines keep theirs
+            config = config.replace(**{k: getattr(RunConfig(), k) for k in overrides
+                                       if k not in ("prune_ratio", "seed", "steps")})
+            config = toy_defaults(config, explicit=set(explicit) - set(overrides), world=world)
+            config = config.replace(target_macs=None, cache_dir=str(root / "cache"), checkpoint_every=0,
+                                    out=str(root / method), method=method)
+        if method == "two-stage":
+            start = config.steps - config.effective_two_stage_erase_steps
+            config = config.replace(snapshot_steps=[start + k for k in TWO_STAGE_SNAPSHOTS
+                                                    if k < config.effective_two_stage_erase_steps])
+        config.validate()
+        if not (root / method / "pipeline" / "model_index.json").is_file():
+            started = time.perf_counter()
+            train(config, teacher=teacher, student=student)
+            seconds[method] = time.perf_counter() - started
+    models = sweep_models([root / "two-stage", root / "bilevel"])
+    references = sweep_models([Path(shared.teacher), root / "distill-only" / "pipeline"], flag="--reference")
+    references[0].method, references[0].label = "reference", "teacher"
+    references[1].method, references[1].label = "reference", "distill-only"
+    result = evaluate_sweep(models, prompts=toy_prompts(world=world), judge=world.name, references=references,
+                            samples_per_prompt=samples, steps=20, seed=seed)
+    points = [p.to_dict() for p in result.points]
+    for point in points:
+        point["label"] = point["label"].replace(str(root) + "/", "")
+    return {"world": world_name, "prune_ratio": ratio, "seed": seed, "overrides": overrides,
+            "bilevel_strength": describe_run(root / "bilevel")[1], "train_seconds": seconds,
+            "params": {"before": report.params_before, "after": report.params_after},
+            "teacher": result.references[0].metrics, "distill-only": result.references[1].metrics,
+            "points": points, "targets": check_targets(result)}
+
+
+def check_targets(result) -> dict:
+    """The issue-12 targets for this cell's bilevel student, each as {value, bound, met}."""
+    teacher, distill = result.references[0].metrics, result.references[1].metrics
+    bilevel = next(p for p in result.points if p.method == "bilevel").metrics
+    two_stage = [p.metrics for p in result.points if p.method == "two-stage"]
+    checks = {"erased_rate": (bilevel["erased_rate"], 0.10, bilevel["erased_rate"] <= 0.10)}
+    for key in RETAINED:
+        bound = 0.95 * distill[key]
+        checks[key] = (bilevel[key], bound, bilevel[key] >= bound - 1e-9)
+    checks["fd_retained"] = (bilevel["fd_retained"], 1.5 * distill["fd_retained"],
+                             bilevel["fd_retained"] <= 1.5 * distill["fd_retained"])
+    checks["distill_leaks"] = (distill["erased_rate"], 0.5 * teacher["erased_rate"],
+                               distill["erased_rate"] >= 0.5 * teacher["erased_rate"])
+    # two-stage points that keep at least the bilevel student's neighbour and unrelated scores: their best erasure
+    equal = [m["erased_rate"] for m in two_stage if m["neighbour_rate"] >= bilevel["neighbour_rate"]
+             and m["unrelated_accuracy"] >= bilevel["unrelated_accuracy"]]
+    best = min(equal) if equal else None
+    checks["vs_two_stage"] = (bilevel["erased_rate"], best, best is None or bilevel["erased_rate"] <= best + 1e-9)
+    return {k: {"value": v, "bound": b, "met": bool(m)} for k, (v, b, m) in checks.items()}
+
+
+def summary_markdown(cells: list[dict], title: str) -> str:
+    """One table per world: a row per cell and method (mean over nothing: every seed is its own row)."""
+    keys = ("erased_rate", "erased_content_accuracy", "neighbour_rate", "unrelated_accuracy", "fd_retained")
+    heads = ("erased rate", "content", "neighbour", "unrelated", "FD")
+    lines = [f"# {title}", ""]
+    for world in dict.fromkeys(c["world"] for c in cells):
+        lines += [f"## world: {world}", "", "| ratio | seed | model | " + " | ".join(heads) + " | targets met |",
+                  "|---|---|---|" + "---|" * (len(heads) + 1)]
+        for cell in (c for c in cells if c["world"] == world):
+            rows = [("teacher", cell["teacher"], ""), ("distill-only", cell["distill-only"], "")]
+            rows += [(f"{p['method']} ({p['strength']})", p["metrics"], "") for p in cell["points"]
+                     if p["method"] == "two-stage"]
+            met = [k for k, v in cell["targets"].items() if v["met"]]
+            missed = [k for k, v in cell["targets"].items() if not v["met"]]
+            bilevel = next(p for p in cell["points"] if p["method"] == "bilevel")
+            rows.append((f"**bilevel** ({bilevel['strength']})", bilevel["metrics"],
+                         f"{len(met)}/{len(met) + len(missed)}" + (f" (missed: {', '.join(missed)})" if missed else "")))
+            for name, metrics, note in rows:
+                cells_text = " | ".join("-" if metrics.get(k) is None else f"{metrics[k]:.3f}" for k in keys)
+                lines.append(f"| {cell['prune_ratio']:g} | {cell['seed']} | {name} | {cells_text} | {note} |")
+        lines.append("")
+    total = [v["met"] for c in cells for v in c["targets"].values()]
+    lines.append(f"Targets met: {sum(total)} of {len(total)} checks over {len(cells)} cells.")
+    return "\n".join(lines) + "\n"
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from toy_sweep import parse_overrides as parse
+
+    return parse(pairs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="RunConfig FIELD=VALUE for the bilevel student (trials)")
+    parser.add_argument("--worlds", nargs="+", default=["toy", "glyphs"])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.6])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the built-in job's)")
+    parser.add_argument("--samples", type=int, default=2, help="seeds per evaluation prompt")
+    parser.add_argument("--jobs", type=int, default=2, help="cells trained at once (one torch thread each)")
+    parser.add_argument("--work", default="runs/validate", help="cell folders (reused by a rerun)")
+    parser.add_argument("--name", default="defaults", help="result file name under benchmarks/results/validation")
+    parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # world,ratio,seed: run one cell here
+    args = parser.parse_args()
+    overrides = parse_overrides(args.overrides)
+    key = settings_key(overrides, args.steps)
+    work = Path(args.work) / key
+
+    if args.cell:
+        world, ratio, seed = args.cell.split(",")
+        record = run_cell(world, float(ratio), int(seed), overrides, args.steps, work, args.samples)
+        out = work / f"{cell_name(world, float(ratio), int(seed))}.json"
+        out.write_text(json.dumps(record, indent=2) + "\n")
+        return
+
+    cells = [(w, r, s) for w in args.worlds for r in args.ratios for s in args.seeds]
+    pending = [c for c in cells if not (work / f"{cell_name(*c)}.json").is_file()]
+    work.mkdir(parents=True, exist_ok=True)
+    running: list[tuple[subprocess.Popen, tuple]] = []
+    started = time.perf_counter()
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            cell = pending.pop(0)
+            log = open(work / f"{cell_name(*cell)}.log", "w")
+            command = [sys.executable, __file__, *args.overrides, "--work", args.work, "--samples", str(args.samples),
+                       "--cell", ",".join(map(str, cell))] + (["--steps", str(args.steps)] if args.steps else [])
+            running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), cell))
+            print(f"started {cell_name(*cell)}", flush=True)
+        time.sleep(5)
+        for process, cell in list(running):
+            if process.poll() is not None:
+                running.remove((process, cell))
+                state = "done" if process.returncode == 0 else f"FAILED ({work / cell_name(*cell)}.log)"
+                print(f"{cell_name(*cell)}: {state} after {time.perf_counter() - started:.0f} s", flush=True)
+    records = [json.loads((work / f"{cell_name(*c)}.json").read_text()) for c in cells
+               if (work / f"{cell_name(*c)}.json").is_file()]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"overrides": overrides, "cells": records}, indent=2) + "\n")
+    text = summary_markdown(records, f"Validation of the bilevel defaults ({args.name})")
+    (RESULTS / f"{args.name}.md").write_text(text)
+    write_html(records, RESULTS / f"{args.name}.html")
+    print(text)
+    print(f"wrote {RESULTS / args.name}.json, .md and .html")
+
+
+def write_html(cells: list[dict], path: Path) -> None:
+    from safeprune_engine.eval.tradeoff import TradeoffPoint, report_page, tradeoff_html
+
+    parts = []
+    for cell in cells:
+        points = [TradeoffPoint(p["label"], p["method"], p["strength"], p["metrics"]) for p in cell["points"]]
+        references = [TradeoffPoint("teacher", "reference", "", cell["teacher"]),
+                      TradeoffPoint("distill-only", "reference", "", cell["distill-only"])]
+        parts.append(f"<h2>{cell['world']}, prune ratio {cell['prune_ratio']:g}, seed {cell['seed']}</h2>"
+                     + tradeoff_html(points, references))
+    path.write_text(report_page("".join(parts), "safeprune: validation of the bilevel defaults"), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
