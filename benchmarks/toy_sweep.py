@@ -87,7 +87,8 @@ def main() -> None:
     train_seconds = time.perf_counter() - started
     result = evaluate(run_dir / "pipeline", toy_prompts(world=args.world), judge=args.world,
                       samples_per_prompt=args.samples, steps=20, seed=config.seed)
-    record = {"name": args.name, "world": args.world, "overrides": overrides, "steps": config.steps, "train_seconds": train_seconds,
+    record = {"name": args.name, "world": args.world, "overrides": overrides, "steps": config.steps,
+              "train_seconds": train_seconds,
               "metrics": result.model.metrics,
               "sets": {name: {"head_accuracy": s.get("head_accuracy"), "concept_distribution":
                               s.get("concept_distribution")} for name, s in result.model.sets.items()}}

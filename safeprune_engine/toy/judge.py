@@ -9,8 +9,8 @@ world's) and ``assets/glyphs/judge/`` (the glyph world's); the config names the 
     pred.labels["style"]                              # ["Vexa", "plain", ...]
     judge.features(images)                            # float64 [N, 128]
 
-``train_judge(seed, world=...)`` trains a fresh one on freshly rendered items of that world (with noise and blur so it also reads
-generated images) and measures held-out accuracy per head on items from another seed.
+``train_judge(seed, world=...)`` trains a fresh one on freshly rendered items of that world (with noise and blur
+so it also reads generated images) and measures held-out accuracy per head on items from another seed.
 """
 from __future__ import annotations
 
@@ -176,8 +176,8 @@ def train_judge(
     step); return it and its report.
 
     Every step draws ``batch_size`` items from all shapes, colours and styles (the renderer already jitters
-    colour, position and size), renders them at the world's size (32x32) and augments them (blur, contrast, noise). AdamW with a
-    one-cycle schedule. Held-out accuracy is measured on ``eval_count`` items from ``eval_seed`` (default
+    colour, position and size), renders them at the world's size (32x32) and augments them (blur, contrast,
+    noise). AdamW with a one-cycle schedule. Held-out accuracy is measured on ``eval_count`` items from ``eval_seed`` (default
     ``seed + 1_000_003``), a seed never used for training. ``num_threads``: torch threads while training (the
     convs are small; one thread is fastest on a busy machine); None keeps the current setting.
     """
