@@ -177,9 +177,9 @@ def train_judge(
 
     Every step draws ``batch_size`` items from all shapes, colours and styles (the renderer already jitters
     colour, position and size), renders them at the world's size (32x32) and augments them (blur, contrast,
-    noise). AdamW with a one-cycle schedule. Held-out accuracy is measured on ``eval_count`` items from ``eval_seed`` (default
-    ``seed + 1_000_003``), a seed never used for training. ``num_threads``: torch threads while training (the
-    convs are small; one thread is fastest on a busy machine); None keeps the current setting.
+    noise). AdamW with a one-cycle schedule. Held-out accuracy is measured on ``eval_count`` items from
+    ``eval_seed`` (default ``seed + 1_000_003``), a seed never used for training. ``num_threads``: torch threads
+    while training (the convs are small; one thread is fastest on a busy machine); None keeps the current setting.
     """
     if steps < 1 or batch_size < 2:
         raise SafepruneError("train_judge needs steps >= 1 and batch_size >= 2")
