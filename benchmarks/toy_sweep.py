@@ -9,6 +9,8 @@ pays for them once.
     python benchmarks/toy_sweep.py --name esdx method=bilevel erase_method=esd-x "preserve=a red circle by Orrin|a blue square"
 
 List fields take "|"-separated values. Results: benchmarks/results/toy-sweep/<name>.json.
+``--world glyphs`` runs the trial on the validation world (its teacher, data, erased style, prompts and judge)
+with the same settings; give it its own --work (the data folder there is rendered once, for one world).
 """
 from __future__ import annotations
 
@@ -54,6 +56,8 @@ def main() -> None:
     parser.add_argument("--work", default="runs/toy-sweep", help="shared data/cache and per-name run folders")
     parser.add_argument("--samples", type=int, default=2, help="seeds per evaluation prompt")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this tiny model)")
+    parser.add_argument("--world", choices=("toy", "glyphs"), default="toy",
+                        help="toy (tuned on) or glyphs (validation world; use its own --work)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -68,9 +72,10 @@ def main() -> None:
     work = Path(args.work)
     run_dir = work / args.name
     # the shared data folder sits where the default run renders it (OUT/builtin/data), with OUT = the work dir
-    shared = toy_defaults(RunConfig(out=str(work), progress=False), explicit=set())
-    materialize_toy_data(shared)
-    config = toy_defaults(RunConfig(out=str(run_dir), progress=False, **overrides), explicit=set(overrides))
+    shared = toy_defaults(RunConfig(out=str(work), progress=False), explicit=set(), world=args.world)
+    materialize_toy_data(shared, world=args.world)
+    config = toy_defaults(RunConfig(out=str(run_dir), progress=False, **overrides), explicit=set(overrides),
+                          world=args.world)
     config = config.replace(data=shared.data, cache_dir=str(work / "cache"), checkpoint_every=0).validate()
 
     teacher = load_teacher(config.teacher)
@@ -80,16 +85,17 @@ def main() -> None:
     started = time.perf_counter()
     train(config, teacher=teacher, student=student)
     train_seconds = time.perf_counter() - started
-    result = evaluate(run_dir / "pipeline", toy_prompts(), judge="toy", samples_per_prompt=args.samples, steps=20,
-                      seed=config.seed)
-    record = {"name": args.name, "overrides": overrides, "steps": config.steps, "train_seconds": train_seconds,
+    result = evaluate(run_dir / "pipeline", toy_prompts(world=args.world), judge=args.world,
+                      samples_per_prompt=args.samples, steps=20, seed=config.seed)
+    record = {"name": args.name, "world": args.world, "overrides": overrides, "steps": config.steps,
+              "train_seconds": train_seconds,
               "metrics": result.model.metrics,
               "sets": {name: {"head_accuracy": s.get("head_accuracy"), "concept_distribution":
                               s.get("concept_distribution")} for name, s in result.model.sets.items()}}
     out = Path(__file__).resolve().parent / "results" / "toy-sweep" / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps({k: record[k] for k in ("name", "overrides", "steps", "train_seconds", "metrics")}))
+    print(json.dumps({k: record[k] for k in ("name", "world", "overrides", "steps", "train_seconds", "metrics")}))
     print(f"wrote {out}")
 
 

@@ -15,7 +15,8 @@ import sys
 from .errors import SafepruneError
 
 COMMAND_MODULES = ("safeprune_engine.toy.commands", "safeprune_engine.eval.commands", "safeprune_engine.prune.commands")
-RUN_OPTIONS = ("--config",)  # the options of `safeprune run` that are no RunConfig field (besides --help)
+# the options of `safeprune run` that are no RunConfig field (besides --help)
+RUN_OPTIONS = ("--config", "--world")
 
 
 def flag(name: str) -> str:
@@ -55,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="prune a teacher, then fine-tune and erase concepts in one phase")
     run.add_argument("--config", help="YAML (or JSON) file whose keys are these flags' names; flags override it")
+    from .toy.commands import WORLD_NAMES
+
+    run.add_argument("--world", choices=WORLD_NAMES, default=None,
+                     help="the built-in job only (no --teacher): run it on the toy world (default) or on the glyphs "
+                          "validation world (its teacher, data, erased style, prompts and judge)")
     add_setting_flags(run)
     run.set_defaults(handler=command_run)
 
@@ -116,8 +122,11 @@ def command_run(args) -> int:
         # the built-in default: the toy world, one student per method, evaluated and reported
         from .toy.default_run import METHODS, run_default
 
-        run_default(config, methods=(args.method,) if args.method else METHODS, explicit=explicit)
+        run_default(config, methods=(args.method,) if args.method else METHODS, explicit=explicit,
+                    world=args.world)
         return 0
+    if args.world:
+        raise SafepruneError("--world chooses the built-in job's world; it has no effect with --teacher")
     result = train(config)
     import os
 

@@ -164,4 +164,4 @@ def test_cli_build_teacher(tmp_path, monkeypatch):
                    "--unet-steps", "9", "--no-progress", "--no-eval"])
     assert rc == 0
     assert calls == {"out_dir": str(tmp_path / "t"), "seed": 5, "vae_steps": 7, "unet_steps": 9,
-                     "progress": False, "evaluate": False}
+                     "progress": False, "evaluate": False, "world": "toy"}

@@ -1,7 +1,7 @@
 """`safeprune toy ...`: build the toy world's judge (and teacher).
 
-    safeprune toy build-judge [--out DIR] [--seed S] [--steps N]
-    safeprune toy build-teacher --out DIR [--seed S] [--vae-steps N] [--unet-steps N]
+    safeprune toy build-judge [--world toy|glyphs] [--out DIR] [--seed S] [--steps N]
+    safeprune toy build-teacher [--world toy|glyphs] --out DIR [--seed S] [--vae-steps N] [--unet-steps N]
 
 Every `toy` subcommand hangs off one `toy` parser; ``toy_subparsers(subparsers)`` creates it on first use and
 returns the same sub-subparsers object on every later call, so each builder adds its own subcommand with
@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import sys
 
-TOY_HELP = "the built-in toy world: build its teacher and judge"
+TOY_HELP = "the built-in toy worlds: build their teachers and judges"
+WORLD_NAMES = ("toy", "glyphs")  # safeprune_engine.toy.world.WORLDS, without importing numpy at parse time
+
+
+def add_world_option(parser) -> None:
+    parser.add_argument("--world", choices=WORLD_NAMES, default="toy",
+                        help="which world: toy (the tuned-on one, default) or glyphs (the validation world)")
 
 
 def toy_subparsers(subparsers):
@@ -33,8 +39,10 @@ def add_build_judge(toy_sub) -> None:
     parser = toy_sub.add_parser(
         "build-judge", help="train the toy judge (shape, colour, style classifier) and print held-out accuracy",
         description="Train the toy world's judge on freshly rendered images and save it as safetensors + JSON.")
+    add_world_option(parser)
     parser.add_argument("--out", default=None,
-                        help="output directory (default: the shipped judge in safeprune_engine/toy/assets/judge)")
+                        help="output directory (default: the world's shipped judge, safeprune_engine/toy/assets/judge "
+                             "or assets/glyphs/judge)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (held-out items use another seed)")
     parser.add_argument("--steps", type=int, default=None, help="training steps of 128 images (default 800)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
@@ -47,8 +55,8 @@ def command_build_judge(args) -> int:
     kwargs = {"num_threads": args.threads}
     if args.steps is not None:
         kwargs["steps"] = args.steps
-    print("training the toy judge on freshly rendered images ...", flush=True)
-    out, report = build_judge(args.out, seed=args.seed, **kwargs)
+    print(f"training the {args.world} judge on freshly rendered images ...", flush=True)
+    out, report = build_judge(args.out, seed=args.seed, world=args.world, **kwargs)
     print(format_report(report))
     print(f"wrote {out}")
     if not report.passed(ACCURACY_BAR):
@@ -64,8 +72,10 @@ def add_build_teacher(toy_sub) -> None:
         description="Train the toy world's teacher (VAE, then UNet + text encoder on all styles, the erased one "
                     "included) and save it as a StableDiffusionPipeline folder. An interrupted build resumes from "
                     "OUT/.partial when the same command is run again.")
+    add_world_option(parser)
     parser.add_argument("--out", required=True,
-                        help="output pipeline directory (the shipped one is safeprune_engine/toy/assets/teacher)")
+                        help="output pipeline directory (the shipped ones are safeprune_engine/toy/assets/teacher and "
+                             "assets/glyphs/teacher)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the initialisation and every step")
     parser.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (default 1200)")
     parser.add_argument("--unet-steps", type=int, default=None, help="UNet training steps (default 4000)")
@@ -85,7 +95,7 @@ def command_build_teacher(args) -> int:
 
         torch.set_num_threads(args.threads)
     out = build_teacher(args.out, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-                        progress=not args.no_progress, evaluate=not args.no_eval)
+                        progress=not args.no_progress, evaluate=not args.no_eval, world=args.world)
     card = json.loads((out / CARD_NAME).read_text())
     quality = card.get("quality")
     if quality:

@@ -3,6 +3,10 @@ budget (distill-only, two-stage, bilevel), evaluate all of them against the teac
 
 The fine-tuning data is the toy world without the erased style, so whatever "by Vexa" the distilled student
 still draws, it learned from the teacher, which is the leak the paper is about.
+
+``world="glyphs"`` (``safeprune run --world glyphs``) runs the same job on the validation world: its teacher,
+its data split, its erased style ("by Quen"), its prompt set and its judge, with the toy world's training
+settings (TOY_TRAINING), to check that they transfer to a world they were not tuned on.
 """
 from __future__ import annotations
 
@@ -16,8 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import RunConfig
-from .world import (COLOURS, ERASED_STYLE, NEIGHBOUR_STYLE, SHAPES, caption_for, concept_prompt, finetune_styles,
-                    sample_items, write_split)
+from .world import TOY, World, caption_for, concept_prompt, get_world
 
 log = logging.getLogger("safeprune_engine")
 
@@ -32,8 +35,10 @@ TOY_TRAINING = dict(steps=800, batch_size=8, lr=1e-4, lr_upper=3e-4, target_macs
                     bilevel_inner_steps=2, esd_pool_size=8, checkpoint_every=200, log_every=20)
 
 
-def toy_defaults(config: RunConfig, explicit: set[str] | None = None) -> RunConfig:
-    """The toy world's settings for every field the user did not set (paths inside the run dir).
+def toy_defaults(config: RunConfig, explicit: set[str] | None = None, world: World | str | None = None
+                 ) -> RunConfig:
+    """The built-in job's settings for every field the user did not set (paths inside the run dir): TOY_TRAINING,
+    and the teacher and erase prompts of `world` (default the toy world).
 
     explicit: the fields the user set (the CLI knows); None = treat fields still at RunConfig's default as unset.
     """
@@ -48,23 +53,27 @@ def toy_defaults(config: RunConfig, explicit: set[str] | None = None) -> RunConf
     changes = {k: v for k, v in TOY_TRAINING.items() if not user_set(k)}
     if "target_macs" in changes and user_set("prune_ratio"):
         del changes["target_macs"]  # the user asked for a ratio
-    changes["teacher"] = str(toy_teacher_path())
+    world = get_world(world)
+    changes["teacher"] = str(toy_teacher_path(world))
     if config.data is None:
         changes["data"] = str(base / "data")
     if not config.erase:
-        changes["erase"] = [concept_prompt(ERASED_STYLE)]
+        erased = world.erased_style
+        changes["erase"] = [concept_prompt(erased)]
         if not config.erase_prompts:
             # full captions: the anchor (caption minus "by Vexa") keeps the object and drops only the style
-            changes["erase_prompts"] = [caption_for(s, c, ERASED_STYLE) for s in SHAPES for c in COLOURS]
+            changes["erase_prompts"] = [caption_for(s, c, erased) for s in world.shapes for c in world.colours]
             changes["anchor"] = "strip"
     return config.replace(**changes)
 
 
-def materialize_toy_data(config: RunConfig, images: int = FINETUNE_IMAGES) -> None:
-    """Render the fine-tuning split (no image of the erased style) into the run dir, once."""
+def materialize_toy_data(config: RunConfig, images: int = FINETUNE_IMAGES, world: World | str | None = None
+                         ) -> None:
+    """Render the fine-tuning split of `world` (no image of its erased style) into the run dir, once."""
+    world = get_world(world)
     data = Path(config.data)
     if data == Path(config.out) / "builtin" / "data" and not (data / "metadata.jsonl").is_file():
-        write_split(data, sample_items(images, seed=DATA_SEED, styles=finetune_styles(ERASED_STYLE)))
+        world.write_split(data, world.sample_items(images, seed=DATA_SEED, styles=world.finetune_styles()))
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
@@ -74,11 +83,13 @@ def _finished(run_dir: Path, steps: int) -> bool:
 
 
 def run_default(config: RunConfig, methods: tuple[str, ...] = METHODS, eval_samples: int = 2,
-                eval_steps: int = 20, finetune_images: int = FINETUNE_IMAGES, explicit: set[str] | None = None) -> dict:
+                eval_steps: int = 20, finetune_images: int = FINETUNE_IMAGES, explicit: set[str] | None = None,
+                world: World | str | None = None) -> dict:
     """Train one student per method from the same pruned init, evaluate each and the teacher, write reports.
 
-    A rerun of the same command continues where it stopped: finished students are reused, an interrupted one
-    resumes from its last checkpoint.
+    world: "toy" (default) or "glyphs": whose teacher, data, erased style, prompt set and judge. A rerun of the
+    same command continues where it stopped: finished students are reused, an interrupted one resumes from its
+    last checkpoint (use another --out per world: the data split is rendered once per run dir).
     """
     from ..checkpoint import list_checkpoints
     from .prompts import toy_prompts
@@ -87,10 +98,11 @@ def run_default(config: RunConfig, methods: tuple[str, ...] = METHODS, eval_samp
     from ..prune.base import calibration_batches, prune_unet
     from ..run import resolve_device, train
 
+    world = get_world(world)
     out = Path(config.out)
-    config = toy_defaults(config, explicit)
+    config = toy_defaults(config, explicit, world)
     config.validate()
-    materialize_toy_data(config, finetune_images)
+    materialize_toy_data(config, finetune_images, world)
     teacher = load_teacher(config.teacher)
     started = time.perf_counter()
     native_resolution = teacher.unet.config.sample_size * 2 ** (len(teacher.vae.config.block_out_channels) - 1)
@@ -129,14 +141,14 @@ def run_default(config: RunConfig, methods: tuple[str, ...] = METHODS, eval_samp
     training_seconds = time.perf_counter() - started
 
     print(f"[{len(methods) + 1}/{len(methods) + 1}] evaluating the teacher and {len(methods)} students", flush=True)
-    prompts = toy_prompts()
-    evaluations = {"teacher": evaluate(config.teacher, prompts, judge="toy", samples_per_prompt=eval_samples,
+    prompts = toy_prompts(world=world)
+    evaluations = {"teacher": evaluate(config.teacher, prompts, judge=world.name, samples_per_prompt=eval_samples,
                                        steps=eval_steps, seed=config.seed)}
     for method, pipeline_dir in runs.items():
-        evaluations[method] = evaluate(pipeline_dir, prompts, judge="toy", samples_per_prompt=eval_samples,
+        evaluations[method] = evaluate(pipeline_dir, prompts, judge=world.name, samples_per_prompt=eval_samples,
                                        steps=eval_steps, seed=config.seed)
     metrics = {
-        "settings": {"steps": config.steps, "batch_size": config.batch_size, "lr": config.lr,
+        "settings": {"world": world.name, "steps": config.steps, "batch_size": config.batch_size, "lr": config.lr,
                      "prune": report.to_dict(), "erase": config.erase, "anchor": config.anchor,
                      "methods": list(methods), "eval": evaluations["teacher"].settings,
                      "training_seconds": training_seconds,
@@ -146,26 +158,29 @@ def run_default(config: RunConfig, methods: tuple[str, ...] = METHODS, eval_samp
     for result in metrics["models"].values():
         result.pop("judged", None)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_reports(out, evaluations, metrics)
-    print(markdown_table(evaluations), flush=True)
+    write_reports(out, evaluations, metrics, world)
+    print(markdown_table(evaluations, world), flush=True)
     print(f"report: {out / 'report.html'} (also report.md, metrics.json)", flush=True)
     return metrics
 
 
 # ---- reports -------------------------------------------------------------------------------------------------
-ROWS = (
-    ("erased_rate", f"'{ERASED_STYLE}' style rate under erased prompts (lower = erased)"),
-    ("erased_content_accuracy", "content accuracy under erased prompts (object still drawn)"),
-    ("neighbour_rate", f"neighbour style '{NEIGHBOUR_STYLE}' rate (keep high)"),
-    ("unrelated_accuracy", "accuracy on unrelated prompts"),
-    ("fd_retained", "Frechet distance to real images, non-erased prompts"),
-)
+def rows(world: World = TOY) -> tuple[tuple[str, str], ...]:
+    """(metric key, description) of the report's table, naming `world`'s erased and neighbour styles."""
+    return (
+        ("erased_rate", f"'{world.erased_style}' style rate under erased prompts (lower = erased)"),
+        ("erased_content_accuracy", "content accuracy under erased prompts (object still drawn)"),
+        ("neighbour_rate", f"neighbour style '{world.neighbour_style}' rate (keep high)"),
+        ("unrelated_accuracy", "accuracy on unrelated prompts"),
+        ("fd_retained", "Frechet distance to real images, non-erased prompts"),
+    )
 
 
-def markdown_table(evaluations: dict) -> str:
+
+def markdown_table(evaluations: dict, world: World | str | None = None) -> str:
     names = list(evaluations)
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for key, text in ROWS:
+    for key, text in rows(get_world(world)):
         cells = []
         for name in names:
             value = evaluations[name].model.metrics.get(key)
@@ -233,7 +248,8 @@ def _png(image: np.ndarray, scale: int = 3) -> bytes:
     return buffer.getvalue()
 
 
-def write_reports(out: Path, evaluations: dict, metrics: dict) -> None:
+def write_reports(out: Path, evaluations: dict, metrics: dict, world: World | str | None = None) -> None:
+    world = get_world(world)
     first = next(iter(evaluations.values()))
     sets = list(dict.fromkeys(p.set for p in first.prompts))
     grids_dir = out / "grids"
@@ -246,10 +262,10 @@ def write_reports(out: Path, evaluations: dict, metrics: dict) -> None:
     settings = metrics["settings"]
     intro = (f"Teacher pruned to {settings['prune']['macs_after'] / settings['prune']['macs_before']:.0%} of its MACs; "
              f"each student trained {settings['steps']} steps at batch {settings['batch_size']} on a fine-tuning "
-             f"split with no '{ERASED_STYLE}' image; erased concept {settings['erase']}. Training took "
+             f"split with no '{world.erased_style}' image; erased concept {settings['erase']}. Training took "
              f"{settings['training_seconds']:.0f} s, the whole run {settings['total_seconds']:.0f} s.")
-    md = ["# safeprune-engine default run: concept leakage and erasure in the toy world", "", intro, "",
-          markdown_table(evaluations), "", *[f"- {line}" for line in verdict(evaluations)], ""]
+    md = [f"# safeprune-engine default run: concept leakage and erasure in the {world.name} world", "", intro, "",
+          markdown_table(evaluations, world), "", *[f"- {line}" for line in verdict(evaluations)], ""]
     for set_name in sets:
         md += [f"## {set_name} prompts", f"Columns: {columns} (same prompts and seeds in every block).", "",
                f"![{set_name}](grids/{set_name}.png)", ""]
@@ -259,7 +275,7 @@ def write_reports(out: Path, evaluations: dict, metrics: dict) -> None:
         names = list(evaluations)
         head = "".join(f"<th>{n}</th>" for n in names)
         body = []
-        for key, text in ROWS:
+        for key, text in rows(world):
             cells = "".join(
                 f"<td>{'-' if evaluations[n].model.metrics.get(key) is None else f'{evaluations[n].model.metrics[key]:.3f}'}</td>"
                 for n in names)
@@ -278,7 +294,7 @@ def write_reports(out: Path, evaluations: dict, metrics: dict) -> None:
             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
             "td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
             "img{image-rendering:pixelated;max-width:100%}</style></head><body>"
-            "<h1>Concept leakage and erasure in the toy world</h1>"
+            f"<h1>Concept leakage and erasure in the {world.name} world</h1>"
             f"<p>{intro}</p>{html_table()}<ul>{''.join(f'<li>{v}</li>' for v in verdict(evaluations))}</ul>"
             f"{''.join(sections)}</body></html>")
     (out / "report.html").write_text(html)

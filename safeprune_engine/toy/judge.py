@@ -1,15 +1,16 @@
-"""The toy world's judge: a small CNN that reads a rendered (or generated) image's shape, colour and style.
+"""A toy world's judge: a small CNN that reads a rendered (or generated) image's shape, colour and style.
 
 Three heads share one convolutional trunk; the globally pooled trunk output is the feature vector used for a
-Frechet distance. Weights ship as safetensors plus a JSON config (no pickle) in ``assets/judge/``.
+Frechet distance. Weights ship as safetensors plus a JSON config (no pickle) in ``assets/judge/`` (the toy
+world's) and ``assets/glyphs/judge/`` (the glyph world's); the config names the world and its labels.
 
-    judge = load_judge()                              # the shipped one
+    judge = load_judge()                              # the shipped toy judge (load_judge(world="glyphs"): glyphs')
     pred = judge.predict(images)                      # uint8 [N, H, W, 3] or float tensor [N, 3, H, W] in [-1, 1]
     pred.labels["style"]                              # ["Vexa", "plain", ...]
     judge.features(images)                            # float64 [N, 128]
 
-``train_judge(seed)`` trains a fresh one on freshly rendered items (with noise and blur so it also reads
-generated images) and measures held-out accuracy per head on items from another seed.
+``train_judge(seed, world=...)`` trains a fresh one on freshly rendered items of that world (with noise and blur
+so it also reads generated images) and measures held-out accuracy per head on items from another seed.
 """
 from __future__ import annotations
 
@@ -27,15 +28,15 @@ from torch.nn import functional as F
 
 from ..errors import SafepruneError
 from ..eval.judges import ClassifierJudge
-from .world import COLOURS, IMAGE_SIZE, SHAPES, STYLES, render_batch, sample_items
+from .world import TOY, World, get_world
 
 log = logging.getLogger(__name__)
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "judge"
+ASSETS_DIR = TOY.asset_dir("judge")  # the toy world's; World.asset_dir("judge") for any world
 CONFIG_NAME = "judge.json"
 WEIGHTS_NAME = "model.safetensors"
-# head -> label names, in logit order
-HEADS: dict[str, tuple[str, ...]] = {"shape": SHAPES, "colour": tuple(COLOURS), "style": STYLES}
+# the toy world's head -> label names, in logit order (World.heads for any world)
+HEADS: dict[str, tuple[str, ...]] = TOY.heads
 DEFAULT_CHANNELS = (16, 32, 64, 128)
 ACCURACY_BAR = 0.98
 
@@ -112,10 +113,10 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
-def _labels_of(items) -> dict[str, torch.Tensor]:
+def _labels_of(items, heads: dict[str, tuple[str, ...]]) -> dict[str, torch.Tensor]:
     return {
         head: torch.tensor([names.index(getattr(item, head)) for item in items])
-        for head, names in HEADS.items()
+        for head, names in heads.items()
     }
 
 
@@ -139,21 +140,23 @@ class JudgeTrainReport:
         return all(acc > bar for acc in self.accuracy.values())
 
 
-def heldout_accuracy(judge: "ClassifierJudge", seed: int, count: int = 2000, augmented: bool = False
-                     ) -> dict[str, float]:
-    """Accuracy per head of ``judge`` on ``count`` freshly rendered items drawn with ``seed`` (all styles).
+def heldout_accuracy(judge: "ClassifierJudge", seed: int, count: int = 2000, augmented: bool = False,
+                     world: World | str | None = None) -> dict[str, float]:
+    """Accuracy per head of ``judge`` on ``count`` freshly rendered items of ``world`` (default the toy world)
+    drawn with ``seed`` (all styles).
 
     augmented: judge the images after ``augment`` (blur, contrast, noise; seeded by ``seed``), i.e. how well the
     judge reads degraded, generated-looking images.
     """
-    items = sample_items(count, seed)
-    images = render_batch(items)
+    world = get_world(world)
+    items = world.sample_items(count, seed)
+    images = world.render_batch(items)
     if augmented:
         images = augment(_to_tensor(images), torch.Generator().manual_seed(seed))
     pred = judge.predict(images)
     return {
         head: float(np.mean([label == getattr(item, head) for label, item in zip(pred.labels[head], items)]))
-        for head in HEADS
+        for head in world.heads
     }
 
 
@@ -167,36 +170,40 @@ def train_judge(
     eval_count: int = 2000,
     num_threads: int | None = 1,
     log_every: int = 100,
+    world: World | str | None = None,
 ) -> tuple["ClassifierJudge", JudgeTrainReport]:
-    """Train a fresh judge on freshly rendered items (a new batch every step); return it and its report.
+    """Train a fresh judge on freshly rendered items of ``world`` (default the toy world; a new batch every
+    step); return it and its report.
 
     Every step draws ``batch_size`` items from all shapes, colours and styles (the renderer already jitters
-    colour, position and size), renders them at 32x32 and augments them (blur, contrast, noise). AdamW with a
-    one-cycle schedule. Held-out accuracy is measured on ``eval_count`` items from ``eval_seed`` (default
-    ``seed + 1_000_003``), a seed never used for training. ``num_threads``: torch threads while training (the
-    convs are small; one thread is fastest on a busy machine); None keeps the current setting.
+    colour, position and size), renders them at the world's size (32x32) and augments them (blur, contrast,
+    noise). AdamW with a one-cycle schedule. Held-out accuracy is measured on ``eval_count`` items from
+    ``eval_seed`` (default ``seed + 1_000_003``), a seed never used for training. ``num_threads``: torch threads
+    while training (the convs are small; one thread is fastest on a busy machine); None keeps the current setting.
     """
     if steps < 1 or batch_size < 2:
         raise SafepruneError("train_judge needs steps >= 1 and batch_size >= 2")
     eval_seed = seed + 1_000_003 if eval_seed is None else eval_seed
+    world = get_world(world)
+    heads = world.heads
     old_threads = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(num_threads)
     try:
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
-        net = JudgeNet({h: len(n) for h, n in HEADS.items()}, tuple(channels))
+        net = JudgeNet({h: len(n) for h, n in heads.items()}, tuple(channels))
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
         rng = np.random.default_rng(seed)
         start = time.perf_counter()
         net.train()
         for step in range(steps):
-            items = sample_items(batch_size, int(rng.integers(2**31 - 1)))
-            x = augment(_to_tensor(render_batch(items)), generator)
-            targets = _labels_of(items)
+            items = world.sample_items(batch_size, int(rng.integers(2**31 - 1)))
+            x = augment(_to_tensor(world.render_batch(items)), generator)
+            targets = _labels_of(items, heads)
             logits = net(x)
-            loss = sum(F.cross_entropy(logits[h], targets[h], label_smoothing=0.05) for h in HEADS)
+            loss = sum(F.cross_entropy(logits[h], targets[h], label_smoothing=0.05) for h in heads)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -205,9 +212,9 @@ def train_judge(
                 log.info("judge step %d/%d loss %.4f", step + 1, steps, loss.item())
         seconds = time.perf_counter() - start
         net.eval()
-        judge = ToyJudge(net, config=_config(channels))
-        accuracy = heldout_accuracy(judge, eval_seed, eval_count)
-        augmented = heldout_accuracy(judge, eval_seed, eval_count, augmented=True)
+        judge = ToyJudge(net, config=_config(channels, world))
+        accuracy = heldout_accuracy(judge, eval_seed, eval_count, world=world)
+        augmented = heldout_accuracy(judge, eval_seed, eval_count, augmented=True, world=world)
     finally:
         torch.set_num_threads(old_threads)
     report = JudgeTrainReport(accuracy=accuracy, eval_seed=eval_seed, eval_count=eval_count, steps=steps,
@@ -218,19 +225,23 @@ def train_judge(
     return judge, report
 
 
-def _config(channels) -> dict:
+def _config(channels, world: World = TOY) -> dict:
     return {
         "format": "safeprune-toy-judge",
         "version": 1,
-        "image_size": IMAGE_SIZE,
+        "world": world.name,
+        "image_size": world.image_size,
         "channels": list(channels),
-        "labels": {head: list(names) for head, names in HEADS.items()},
+        "labels": {head: list(names) for head, names in world.heads.items()},
         "input": "float [N, 3, S, S] in [-1, 1]",
     }
 
 
 class ToyJudge(ClassifierJudge):
-    """The toy world's judge: a JudgeNet with head labels shape (4), colour (4), style (5) at 32x32."""
+    """A toy world's judge: a JudgeNet with head labels shape (4), colour (4), style (5) at 32x32.
+
+    Its name is its world's ("toy", "glyphs"); configs saved before worlds existed are the toy world's.
+    """
 
     name = "toy"
 
@@ -238,7 +249,7 @@ class ToyJudge(ClassifierJudge):
         config = config or _config(DEFAULT_CHANNELS)
         labels = {head: tuple(names) for head, names in config["labels"].items()}
         super().__init__(net, labels, image_size=int(config["image_size"]), device=device,
-                         features_fn=net.features)
+                         features_fn=net.features, name=config.get("world", "toy"))
         self.config = config
 
     def save(self, out_dir: str | os.PathLike) -> Path:
@@ -255,16 +266,18 @@ class ToyJudge(ClassifierJudge):
         return out
 
 
-def load_judge(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> ToyJudge:
-    """Load a toy judge from ``path`` (default: the one shipped in ``safeprune_engine/toy/assets/judge``)."""
+def load_judge(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+               world: World | str | None = None) -> ToyJudge:
+    """Load a toy judge from ``path`` (default: the one shipped for ``world``, by default the toy world's in
+    ``safeprune_engine/toy/assets/judge``; the glyph world's is in ``assets/glyphs/judge``)."""
     from safetensors.torch import load_file
 
-    root = Path(path) if path is not None else ASSETS_DIR
+    root = Path(path) if path is not None else get_world(world).asset_dir("judge")
     config_file, weights_file = root / CONFIG_NAME, root / WEIGHTS_NAME
     if not config_file.is_file() or not weights_file.is_file():
         raise SafepruneError(
             f"no toy judge at {root} (needs {CONFIG_NAME} and {WEIGHTS_NAME}); build one with "
-            f"`safeprune toy build-judge --out {root}`"
+            f"`safeprune toy build-judge --world {get_world(world).name} --out {root}`"
         )
     try:
         config = json.loads(config_file.read_text())
@@ -282,11 +295,13 @@ def load_judge(path: str | os.PathLike | None = None, device: str | torch.device
     return ToyJudge(net, config=config, device=device)
 
 
-def build_judge(out_dir: str | os.PathLike | None = None, seed: int = 0, **train_kwargs
-                ) -> tuple[Path, JudgeTrainReport]:
-    """Train a judge (``train_judge``), save it to ``out_dir`` (default: the package assets) and return both."""
-    judge, report = train_judge(seed=seed, **train_kwargs)
-    out = judge.save(out_dir if out_dir is not None else ASSETS_DIR)
+def build_judge(out_dir: str | os.PathLike | None = None, seed: int = 0, world: World | str | None = None,
+                **train_kwargs) -> tuple[Path, JudgeTrainReport]:
+    """Train a judge of ``world`` (``train_judge``), save it to ``out_dir`` (default: the world's package
+    assets) and return both."""
+    world = get_world(world)
+    judge, report = train_judge(seed=seed, world=world, **train_kwargs)
+    out = judge.save(out_dir if out_dir is not None else world.asset_dir("judge"))
     return out, report
 
 

@@ -1,9 +1,11 @@
-"""The toy teacher: a small latent-diffusion model of the toy world, in StableDiffusionPipeline format.
+"""The toy teacher: a small latent-diffusion model of a toy world, in StableDiffusionPipeline format.
 
 It is trained here, from scratch, on rendered images of every style (the erased one included), so the engine
 has a teacher that really draws the concept to erase: "a red circle by Vexa" comes out with Vexa's diagonal
-stripes. The shipped weights live in ``assets/teacher/`` and are reproduced by ``build_teacher`` (or
-``safeprune toy build-teacher --out DIR``).
+stripes. The shipped weights live in ``assets/teacher/`` (the toy world) and ``assets/glyphs/teacher/`` (the
+glyph world) and are reproduced by ``build_teacher`` (or ``safeprune toy build-teacher [--world glyphs] --out
+DIR``). Both worlds share the architecture and recipe; only the prediction type follows the world (toy:
+epsilon, glyphs: v).
 
 Components (all built from configs, no download):
     vae           AutoencoderKL, (B,3,32,32) in [-1,1] <-> (B,4,8,8) latents (3 encoder stages, 2 downsamples);
@@ -13,10 +15,11 @@ Components (all built from configs, no download):
     unet          UNet2DConditionModel with SD's block layout (CrossAttnDownBlock2D x2, UNetMidBlock2DCrossAttn,
                   CrossAttnUpBlock2D x2), channels (64, 128), 16 GroupNorm groups (4 and 8 channels a group),
                   4 heads per attention, cross_attention_dim 64.
-    scheduler     DDIMScheduler, SD's scaled-linear betas, epsilon prediction, steps_offset=1.
+    scheduler     DDIMScheduler, SD's scaled-linear betas, the world's prediction type, steps_offset=1.
 
 Training, in order: the VAE on rendered images (MSE + a small KL term), the latents of the whole training set
-encoded once, then the UNet and the text encoder together on those latents (epsilon MSE with min-SNR weighting,
+encoded once, then the UNet and the text encoder together on those latents (MSE to epsilon, or to the velocity
+``scheduler.get_velocity`` for v-prediction, with min-SNR weighting,
 10% empty captions for classifier-free guidance, 5% style-only captions "by {Artist}" so the concept prompt
 alone draws the style). All randomness of a step is drawn from a generator seeded by (seed, step), so an
 interrupted build resumes from its last checkpoint in ``OUT/.partial`` to the same result.
@@ -38,14 +41,14 @@ import numpy as np
 import torch
 
 from ..errors import SafepruneError
-from .world import COLOURS, SHAPES, STYLES, caption_for, concept_prompt, render_batch, sample_items
+from .world import TOY, World, caption_for, concept_prompt, get_world
 
 log = logging.getLogger(__name__)
 
 TEXT_MAX_LENGTH = 32  # the longest caption is 24 byte tokens with <|startoftext|> and <|endoftext|>
 CARD_NAME = "toy_teacher.json"  # training settings, timings and measured quality, next to model_index.json
 PARTIAL_DIR = ".partial"
-_ASSET_DIR = Path(__file__).resolve().parent / "assets" / "teacher"
+_ASSET_DIR = TOY.asset_dir("teacher")  # the toy world's; World.asset_dir("teacher") for any world
 
 # the sampling settings every quality number below is measured with
 EVAL_STEPS = 25
@@ -115,7 +118,7 @@ def unet_config() -> dict:
     )
 
 
-def scheduler_config() -> dict:
+def scheduler_config(prediction_type: str = "epsilon") -> dict:
     return dict(
         num_train_timesteps=1000,
         beta_schedule="scaled_linear",
@@ -124,7 +127,7 @@ def scheduler_config() -> dict:
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
     )
 
 
@@ -134,7 +137,7 @@ def teacher_tokenizer():
     return byte_clip_tokenizer(TEXT_MAX_LENGTH)
 
 
-def build_components(seed: int = 0):
+def build_components(seed: int = 0, prediction_type: str = "epsilon"):
     """Freshly initialised (vae, text_encoder, tokenizer, unet, scheduler), seeded."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -146,7 +149,7 @@ def build_components(seed: int = 0):
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config(tokenizer)))
     torch.manual_seed(seed + 2)
     unet = UNet2DConditionModel(**unet_config())
-    return vae, text_encoder, tokenizer, unet, DDIMScheduler(**scheduler_config())
+    return vae, text_encoder, tokenizer, unet, DDIMScheduler(**scheduler_config(prediction_type))
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -236,15 +239,15 @@ def encode_latents(vae, images: torch.Tensor, batch_size: int = 256) -> tuple[to
 
 
 class CaptionTable:
-    """Every caption the teacher is trained on, tokenized once: id -> (L,) token ids."""
+    """Every caption the teacher of `world` is trained on, tokenized once: id -> (L,) token ids."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, world: World = TOY):
         captions = [""]
-        for style in STYLES:
+        for style in world.styles:
             if style != "plain":
                 captions.append(concept_prompt(style))
-            for colour in COLOURS:
-                for shape in SHAPES:
+            for colour in world.colours:
+                for shape in world.shapes:
                     captions.append(caption_for(shape, colour, style))
         self.captions = captions
         self.index = {c: i for i, c in enumerate(captions)}
@@ -286,8 +289,12 @@ def train_unet(
     partial: Path | None = None,
     progress: bool = True,
     on_checkpoint: Callable[[int], dict] | None = None,
+    world: World = TOY,
 ) -> dict:
-    """Trains `unet` and `text_encoder` together (epsilon prediction) and loads their EMA weights at the end.
+    """Trains `unet` and `text_encoder` together and loads their EMA weights at the end.
+
+    The target is the world's prediction type: epsilon, or (v_prediction) the velocity
+    sqrt(a) * noise - sqrt(1 - a) * z0 of ``scheduler.get_velocity``.
 
     latents: posterior (mean, std) of the training images, each (N,4,8,8), unscaled.
     partial: folder for `unet_state.pt` checkpoints; an existing one is resumed.
@@ -296,10 +303,18 @@ def train_unet(
     """
     from diffusers import DDIMScheduler
 
-    table = CaptionTable(tokenizer)
-    alphas = DDIMScheduler(**scheduler_config()).alphas_cumprod.float()  # (T,) the training noise schedule
+    table = CaptionTable(tokenizer, world)
+    scheduler = DDIMScheduler(**scheduler_config(world.prediction_type))
+    velocity = world.prediction_type == "v_prediction"
+    if not velocity and world.prediction_type != "epsilon":
+        raise SafepruneError(f"the teacher trains epsilon or v_prediction, not {world.prediction_type!r}")
+    alphas = scheduler.alphas_cumprod.float()  # (T,) the training noise schedule
     snr = alphas / (1.0 - alphas)
-    loss_weight = torch.clamp(snr, max=recipe.snr_gamma) / snr if recipe.snr_gamma else torch.ones_like(snr)
+    # min-SNR-gamma: the epsilon loss is weighted min(snr, gamma) / snr; the v loss (which is (snr + 1) times
+    # the epsilon loss in x0 units over snr) min(snr, gamma) / (snr + 1), the same weight in x0 terms
+    weight_base = snr + 1.0 if velocity else snr
+    loss_weight = (torch.clamp(snr, max=recipe.snr_gamma) / weight_base if recipe.snr_gamma
+                   else torch.ones_like(snr))
 
     params = [p for p in unet.parameters()] + [p for p in text_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=recipe.weight_decay)
@@ -371,7 +386,8 @@ def train_unet(
         ids = table.ids[_pick_captions(table, items, idx, recipe, g)]
         text = text_encoder(ids)[0]
         pred = unet(zt, t, text).sample
-        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        target = scheduler.get_velocity(z0, noise, t) if velocity else noise
+        per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * loss_weight[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -423,12 +439,12 @@ def sample_images(
 Predictor = Callable[[np.ndarray], dict]  # (N,32,32,3) uint8 -> {"shape": [...], "colour": [...], "style": [...]}
 
 
-def default_predictor() -> Predictor | None:
-    """The toy judge's predictions as label lists, or None when the judge is not available."""
+def default_predictor(world: World | str | None = None) -> Predictor | None:
+    """The shipped judge of `world` (default toy) as label lists, or None when that judge is not available."""
     try:
         from .judge import load_judge
 
-        judge = load_judge()
+        judge = load_judge(world=world)
     except Exception as e:  # the judge is optional here: no judge, no scores
         log.info("no toy judge available (%s: %s); skipping quality scores", type(e).__name__, e)
         return None
@@ -440,13 +456,13 @@ def default_predictor() -> Predictor | None:
     return predict
 
 
-def prompt_grid(repeats: int = 2, styles: tuple[str, ...] = STYLES):
-    """(prompts, labels): every colour x shape x style, `repeats` times; labels are dicts."""
+def prompt_grid(repeats: int = 2, styles: tuple[str, ...] | None = None, world: World = TOY):
+    """(prompts, labels): every colour x shape x style of `world`, `repeats` times; labels are dicts."""
     prompts, labels = [], []
     for _ in range(repeats):
-        for style in styles:
-            for colour in COLOURS:
-                for shape in SHAPES:
+        for style in styles or world.styles:
+            for colour in world.colours:
+                for shape in world.shapes:
                     prompts.append(caption_for(shape, colour, style))
                     labels.append({"shape": shape, "colour": colour, "style": style})
     return prompts, labels
@@ -467,12 +483,12 @@ def score_images(images: np.ndarray, labels: list[dict], predict: Predictor) -> 
 
 
 def evaluate_teacher(pipe, predict: Predictor, repeats: int = 2, steps: int = EVAL_STEPS,
-                     guidance: float = EVAL_GUIDANCE, seed: int = 1234) -> dict:
-    """Judge scores of teacher samples for every prompt of the grid, plus the concept prompts alone."""
-    prompts, labels = prompt_grid(repeats)
+                     guidance: float = EVAL_GUIDANCE, seed: int = 1234, world: World = TOY) -> dict:
+    """Judge scores of teacher samples for every prompt of `world`'s grid, plus the concept prompts alone."""
+    prompts, labels = prompt_grid(repeats, world=world)
     report = score_images(sample_images(pipe, prompts, steps, guidance, seed), labels, predict)
     concept = {}
-    for style in STYLES[1:]:
+    for style in world.styles[1:]:
         images = sample_images(pipe, [concept_prompt(style)] * 16, steps, guidance, seed)
         concept[concept_prompt(style)] = float(np.mean([p == style for p in predict(images)["style"]]))
     report["style_only_prompt"] = concept
@@ -501,9 +517,9 @@ def _load_or_train_vae(vae, images, recipe, partial: Path, progress: bool) -> tu
     return info, seconds
 
 
-def _check_partial(partial: Path, recipe: TeacherRecipe) -> None:
+def _check_partial(partial: Path, recipe: TeacherRecipe, world: World) -> None:
     settings = partial / "recipe.json"
-    wanted = json.dumps(recipe.to_dict(), sort_keys=True)
+    wanted = json.dumps({"world": world.name, **recipe.to_dict()}, sort_keys=True)
     if settings.is_file():
         if settings.read_text() != wanted:
             raise SafepruneError(
@@ -524,18 +540,21 @@ def build_teacher(
     *,
     evaluate: bool = True,
     predict: Predictor | None = None,
+    world: World | str | None = None,
     **recipe_overrides,
 ) -> Path:
-    """Trains the toy teacher and saves it as a StableDiffusionPipeline folder at `out_dir`.
+    """Trains the teacher of `world` (default the toy world) and saves it as a StableDiffusionPipeline folder at
+    `out_dir`; its scheduler has the world's prediction type.
 
     vae_steps, unet_steps: training steps (default: TeacherRecipe's). Other TeacherRecipe fields may be passed as
     keywords (n_images, unet_batch_size, ...). Checkpoints go to out_dir/.partial; running the same call again
     after an interruption resumes there, and the folder is removed once the pipeline is saved.
-    evaluate: measure quality with `predict` (default: the toy judge, when present) and record it in
-    out_dir/toy_teacher.json together with the settings. Returns out_dir.
+    evaluate: measure quality with `predict` (default: the world's shipped judge, when present) and record it in
+    out_dir/toy_teacher.json together with the settings and the world's name. Returns out_dir.
     """
     from diffusers.utils import logging as diffusers_logging
 
+    world = get_world(world)
     overrides = dict(recipe_overrides, seed=seed)
     if vae_steps is not None:
         overrides["vae_steps"] = vae_steps
@@ -548,12 +567,12 @@ def build_teacher(
     if (out / "model_index.json").is_file() and not (out / PARTIAL_DIR).is_dir():
         raise SafepruneError(f"{out} already holds a pipeline; choose another --out or delete it")
     partial = out / PARTIAL_DIR
-    _check_partial(partial, recipe)
+    _check_partial(partial, recipe, world)
 
     t_start = time.perf_counter()
-    vae, text_encoder, tokenizer, unet, scheduler = build_components(recipe.seed)
-    items = sample_items(recipe.n_images, seed=recipe.seed)
-    images = images_to_tensor(render_batch(items))
+    vae, text_encoder, tokenizer, unet, scheduler = build_components(recipe.seed, world.prediction_type)
+    items = world.sample_items(recipe.n_images, seed=recipe.seed)
+    images = images_to_tensor(world.render_batch(items))
 
     vae_info, vae_seconds = _load_or_train_vae(vae, images, recipe, partial, progress)
     latents = encode_latents(vae, images)
@@ -571,11 +590,11 @@ def build_teacher(
     pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler)  # shares the modules being trained
     diffusers_logging.disable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
-    predict = (predict or default_predictor()) if evaluate else None
+    predict = (predict or default_predictor(world)) if evaluate else None
     on_checkpoint = None
     if predict is not None:
         def on_checkpoint(step: int) -> dict:  # a quick look (one sample per prompt) at every checkpoint
-            prompts, labels = prompt_grid(1)
+            prompts, labels = prompt_grid(1, world=world)
             scores = score_images(sample_images(pipe, prompts, seed=4321), labels, predict)
             log.info("teacher at step %d: shape %.3f colour %.3f style %.3f (%s)", step, scores["shape"],
                      scores["colour"], scores["style"], scores["style_by_style"])
@@ -583,12 +602,13 @@ def build_teacher(
 
     t0 = time.perf_counter()
     unet_info = train_unet(unet, text_encoder, tokenizer, latents, scaling_factor, items, recipe, partial, progress,
-                           on_checkpoint=on_checkpoint)
+                           on_checkpoint=on_checkpoint, world=world)
     unet_seconds = time.perf_counter() - t0
     card = {
+        "world": world.name,
         "recipe": recipe.to_dict(),
         "architecture": {"vae": vae_config(), "unet": unet_config(), "text_encoder": text_encoder_config(tokenizer),
-                         "scheduler": scheduler_config()},
+                         "scheduler": scheduler_config(world.prediction_type)},
         "params": {name: sum(p.numel() for p in m.parameters())
                    for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))},
         "vae": {**vae_info, "scaling_factor": scaling_factor},
@@ -596,12 +616,13 @@ def build_teacher(
         "seconds": {"vae": round(vae_seconds, 1), "unet": round(unet_seconds, 1),
                     "total": round(time.perf_counter() - t_start, 1)},
         "torch_threads": torch.get_num_threads(),
-        "reproduce": (f"safeprune toy build-teacher --out DIR --seed {recipe.seed} --vae-steps {recipe.vae_steps} "
+        "reproduce": (f"safeprune toy build-teacher --world {world.name} --out DIR --seed {recipe.seed} "
+                      f"--vae-steps {recipe.vae_steps} "
                       f"--unet-steps {recipe.unet_steps} --threads {torch.get_num_threads()}"),
         "quality": None,
     }
     if predict is not None:
-        card["quality"] = evaluate_teacher(pipe, predict)
+        card["quality"] = evaluate_teacher(pipe, predict, world=world)
     pipe.save_pretrained(out, safe_serialization=True)
     (out / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
     shutil.rmtree(partial, ignore_errors=True)
@@ -614,23 +635,29 @@ def build_teacher(
 # ---------------------------------------------------------------------------------------------- shipped teacher
 
 
-def toy_teacher_path() -> Path:
-    """The shipped toy teacher pipeline folder (safeprune_engine/toy/assets/teacher)."""
-    if not (_ASSET_DIR / "model_index.json").is_file():
+def toy_teacher_path(world: World | str | None = None) -> Path:
+    """The shipped teacher pipeline folder of `world` (default the toy world: safeprune_engine/toy/assets/teacher;
+    the glyph world's is assets/glyphs/teacher)."""
+    world = get_world(world)
+    folder = world.asset_dir("teacher")
+    if not (folder / "model_index.json").is_file():
         raise SafepruneError(
-            f"the toy teacher is not in {_ASSET_DIR}; build it with `safeprune toy build-teacher --out {_ASSET_DIR}`"
+            f"the {world.name} teacher is not in {folder}; build it with "
+            f"`safeprune toy build-teacher --world {world.name} --out {folder}`"
         )
-    return _ASSET_DIR
+    return folder
 
 
-def load_toy_teacher(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """The shipped toy teacher as a frozen TeacherBundle."""
+def load_toy_teacher(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                     world: World | str | None = None):
+    """The shipped teacher of `world` (default the toy world) as a frozen TeacherBundle."""
     from ..models.teacher import load_teacher
 
-    return load_teacher(toy_teacher_path(), device=device, dtype=dtype)
+    return load_teacher(toy_teacher_path(world), device=device, dtype=dtype)
 
 
-def teacher_card(path: str | os.PathLike | None = None) -> dict:
-    """The training settings and measured quality recorded next to a toy teacher (default: the shipped one)."""
-    folder = Path(path) if path is not None else toy_teacher_path()
+def teacher_card(path: str | os.PathLike | None = None, world: World | str | None = None) -> dict:
+    """The training settings and measured quality recorded next to a toy teacher (default: the shipped one of
+    `world`). Cards written before worlds existed are the toy world's and have no "world" entry."""
+    folder = Path(path) if path is not None else toy_teacher_path(world)
     return json.loads((folder / CARD_NAME).read_text())
