@@ -31,7 +31,6 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "validation"
 METHODS = ("distill-only", "two-stage", "bilevel")
-TWO_STAGE_SNAPSHOTS = (10, 25, 50, 100)  # erase steps at which two-stage's student is also judged
 RETAINED = ("erased_content_accuracy", "neighbour_rate", "unrelated_accuracy")
 
 
@@ -53,7 +52,7 @@ def run_cell(world_name: str, ratio: float, seed: int, overrides: dict, steps: i
     from safeprune_engine.models.teacher import load_teacher
     from safeprune_engine.prune.base import prune_unet
     from safeprune_engine.run import train
-    from safeprune_engine.toy.default_run import materialize_toy_data, toy_defaults
+    from safeprune_engine.toy.default_run import materialize_toy_data, toy_defaults, two_stage_snapshot_steps
     from safeprune_engine.toy.prompts import toy_prompts
     from safeprune_engine.toy.world import get_world
 
@@ -77,10 +76,8 @@ def run_cell(world_name: str, ratio: float, seed: int, overrides: dict, steps: i
             config = toy_defaults(config, explicit=set(explicit) - set(overrides), world=world)
             config = config.replace(target_macs=None, cache_dir=str(root / "cache"), checkpoint_every=0,
                                     out=str(root / method), method=method)
-        if method == "two-stage":
-            start = config.steps - config.effective_two_stage_erase_steps
-            config = config.replace(snapshot_steps=[start + k for k in TWO_STAGE_SNAPSHOTS
-                                                    if k < config.effective_two_stage_erase_steps])
+        if method == "two-stage":  # the same snapshots inside the erase phase as the built-in job
+            config = config.replace(snapshot_steps=two_stage_snapshot_steps(config))
         config.validate()
         if not (root / method / "pipeline" / "model_index.json").is_file():
             started = time.perf_counter()

@@ -11,8 +11,8 @@ from safeprune_engine.toy.default_run import METHODS, TOY_TRAINING, run_default,
 def test_short_default_run_writes_every_report_section(tmp_path):
     out = tmp_path / "default"
     # taylor pruning: the default run honours --prune-method, scoring units on the toy data
-    config = RunConfig(out=str(out), steps=4, progress=False, esd_pool_size=2, esd_ddim_steps=3,
-                       checkpoint_every=2, prune_method="taylor", prune_calibration_batches=1)
+    config = RunConfig(out=str(out), steps=8, progress=False, esd_pool_size=2, esd_ddim_steps=3,
+                       checkpoint_every=4, prune_method="taylor", prune_calibration_batches=1)
     metrics = run_default(config, eval_samples=1, eval_steps=2, finetune_images=24)
     assert set(metrics["models"]) == {"teacher", *METHODS}
     for name, model in metrics["models"].items():
@@ -21,7 +21,7 @@ def test_short_default_run_writes_every_report_section(tmp_path):
     students = [metrics["models"][m] for m in METHODS]
     assert all(s["params"] < metrics["models"]["teacher"]["params"] for s in students)
     settings = json.loads((out / "metrics.json").read_text())["settings"]
-    assert settings["steps"] == 4 and settings["prune"]["method"] == "taylor"
+    assert settings["steps"] == 8 and settings["prune"]["method"] == "taylor"
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3  # erased, neighbour and unrelated grids inline
     for method in METHODS:
@@ -36,7 +36,13 @@ def test_short_default_run_writes_every_report_section(tmp_path):
     # a rerun of the command reuses finished students (and only those) instead of training them again
     from safeprune_engine.toy.default_run import _finished
 
-    assert all(_finished(out / m, 4) for m in METHODS) and not _finished(out / "bilevel", 5)
+    assert all(_finished(out / m, 8) for m in METHODS) and not _finished(out / "bilevel", 9)
+    # the trade-off: the erasing students and two-stage's snapshot inside its 2 erase steps, against the references
+    tradeoff = json.loads((out / "metrics.json").read_text())["tradeoff"]
+    assert [p["method"] for p in tradeoff["points"]] == ["two-stage", "bilevel", "two-stage"]
+    assert "at step 7" in tradeoff["points"][2]["strength"]
+    assert [r["label"] for r in tradeoff["references"]] == ["teacher", "distill-only"]
+    assert html.count("<svg") == 3 and "tradeoff" in html
 
 
 def test_toy_defaults_fill_only_what_the_user_did_not_set(tmp_path):

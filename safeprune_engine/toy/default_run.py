@@ -25,6 +25,9 @@ from .world import TOY, World, caption_for, concept_prompt, get_world
 log = logging.getLogger("safeprune_engine")
 
 METHODS = ("distill-only", "two-stage", "bilevel")
+# two-stage's student is also judged after these fractions of its erase steps (snapshots; 10, 25, 50 and 100 of the
+# built-in job's 200), so the report draws its trade-off frontier over several erase strengths, not one point
+TWO_STAGE_SNAPSHOTS = (0.05, 0.125, 0.25, 0.5)
 FINETUNE_IMAGES = 512
 DATA_SEED = 1234
 # Training settings of the toy default, used for every field the user did not set. Calibrated on the toy world
@@ -132,6 +135,8 @@ def run_default(config: RunConfig, methods: tuple[str, ...] = METHODS, eval_samp
             # one cache for all students: the data and the concept trajectories are encoded once
             cache_dir = config.cache_dir or str(out / "cache")
             run_config = config.replace(method=method, out=str(run_dir), resume=resume, cache_dir=cache_dir)
+            if method == "two-stage" and not config.snapshot_steps:
+                run_config = run_config.replace(snapshot_steps=two_stage_snapshot_steps(run_config))
             if config.launcher:  # new processes cannot receive in-memory models: the ranks load and prune themselves
                 train(run_config)
             else:  # train() works on its own copies of the teacher and the student
@@ -147,6 +152,7 @@ def run_default(config: RunConfig, methods: tuple[str, ...] = METHODS, eval_samp
     for method, pipeline_dir in runs.items():
         evaluations[method] = evaluate(pipeline_dir, prompts, judge=world.name, samples_per_prompt=eval_samples,
                                        steps=eval_steps, seed=config.seed)
+    tradeoff = tradeoff_points(out, runs, evaluations, prompts, world, eval_samples, eval_steps, config.seed)
     metrics = {
         "settings": {"world": world.name, "steps": config.steps, "batch_size": config.batch_size, "lr": config.lr,
                      "prune": report.to_dict(), "erase": config.erase, "anchor": config.anchor,
@@ -154,14 +160,48 @@ def run_default(config: RunConfig, methods: tuple[str, ...] = METHODS, eval_samp
                      "training_seconds": training_seconds,
                      "total_seconds": time.perf_counter() - started},
         "models": {name: result.model.to_dict() for name, result in evaluations.items()},
+        "tradeoff": {"points": [p.to_dict() for p in tradeoff[0]], "references": [p.to_dict() for p in tradeoff[1]]},
     }
     for result in metrics["models"].values():
         result.pop("judged", None)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_reports(out, evaluations, metrics, world)
+    write_reports(out, evaluations, metrics, world, tradeoff)
     print(markdown_table(evaluations, world), flush=True)
     print(f"report: {out / 'report.html'} (also report.md, metrics.json)", flush=True)
     return metrics
+
+
+def two_stage_snapshot_steps(config: RunConfig) -> list[int]:
+    """The steps inside two-stage's erase phase at which its student is also saved (TWO_STAGE_SNAPSHOTS of its erase
+    steps in), for the trade-off frontier."""
+    erase = config.effective_two_stage_erase_steps
+    return sorted({config.steps - erase + round(f * erase) for f in TWO_STAGE_SNAPSHOTS if round(f * erase) >= 1})
+
+
+def tradeoff_points(out: Path, runs: dict, evaluations: dict, prompts, world: World, samples: int, steps: int,
+                    seed: int):
+    """(points, references) of the erase/retain trade-off: every trained student that erases (and two-stage's
+    snapshots inside its erase phase, evaluated here with the same prompts, judge and seeds), with the teacher and
+    distill-only as references."""
+    from ..eval.tradeoff import TradeoffPoint, describe_run, evaluate_sweep, sweep_models
+
+    points, references = [], []
+    for name, result in evaluations.items():
+        if name in ("teacher", "distill-only"):
+            references.append(TradeoffPoint(name, "reference", "", dict(result.model.metrics)))
+        else:
+            method, strength = describe_run(runs[name].parent)
+            points.append(TradeoffPoint(name, method, strength, dict(result.model.metrics)))
+    snapshots = [m for name in runs if name not in ("distill-only",)
+                 for m in sweep_models([runs[name].parent]) if m.unet_dir is not None]
+    if snapshots:
+        print(f"  and {len(snapshots)} snapshots inside the erase phase, for the trade-off plots", flush=True)
+        swept = evaluate_sweep(snapshots, prompts=prompts, judge=world.name, samples_per_prompt=samples, steps=steps,
+                               seed=seed)
+        for point in swept.points:
+            point.label = point.label.replace(str(out) + "/", "")
+        points += swept.points
+    return points, references
 
 
 # ---- reports -------------------------------------------------------------------------------------------------
@@ -248,7 +288,12 @@ def _png(image: np.ndarray, scale: int = 3) -> bytes:
     return buffer.getvalue()
 
 
-def write_reports(out: Path, evaluations: dict, metrics: dict, world: World | str | None = None) -> None:
+def write_reports(out: Path, evaluations: dict, metrics: dict, world: World | str | None = None,
+                  tradeoff: tuple[list, list] | None = None) -> None:
+    """report.md (table, verdict, grids) and the self-contained report.html, which also draws the erase/retain
+    trade-off (tradeoff: the (points, references) of tradeoff_points)."""
+    from ..eval.tradeoff import tradeoff_html
+
     world = get_world(world)
     first = next(iter(evaluations.values()))
     sets = list(dict.fromkeys(p.set for p in first.prompts))
@@ -285,6 +330,11 @@ def write_reports(out: Path, evaluations: dict, metrics: dict, world: World | st
             body.append(f"<tr><td>{text}</td>{cells}</tr>")
         return f"<table><tr><th>metric</th>{head}</tr>{''.join(body)}</table>"
 
+    tradeoff_section = ""
+    if tradeoff is not None and tradeoff[0]:
+        tradeoff_section = (tradeoff_html(*tradeoff) + "<p>Two-stage is also judged part-way through its erase "
+                            "phase (snapshots after " + ", ".join(f"{f:.0%}" for f in TWO_STAGE_SNAPSHOTS)
+                            + " of its erase steps), so its frontier spans several erase strengths.</p>")
     sections = []
     for set_name in sets:
         encoded = base64.b64encode(pngs[set_name]).decode()
@@ -296,5 +346,5 @@ def write_reports(out: Path, evaluations: dict, metrics: dict, world: World | st
             "img{image-rendering:pixelated;max-width:100%}</style></head><body>"
             f"<h1>Concept leakage and erasure in the {world.name} world</h1>"
             f"<p>{intro}</p>{html_table()}<ul>{''.join(f'<li>{v}</li>' for v in verdict(evaluations))}</ul>"
-            f"{''.join(sections)}</body></html>")
+            f"{tradeoff_section}{''.join(sections)}</body></html>")
     (out / "report.html").write_text(html)
