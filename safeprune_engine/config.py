@@ -272,10 +272,6 @@ class RunConfig:
                                      f"{self.method} has none (use --method bilevel, or leave it unset)")
             if not self.quality_tolerance > 0:
                 raise SafepruneError(f"--quality-tolerance must be positive, got {self.quality_tolerance}")
-            if self.zero_stage > 0:
-                raise SafepruneError("--quality-tolerance keeps a value model (a second student) that ZeRO does not "
-                                     "partition yet; use --zero-stage 0 (data parallel) or the penalty form "
-                                     "(--quality-tolerance none with --bilevel-lambda)")
         if self.outer_optimizer in ("factored", "factored-lean") and self.zero_stage > 0:
             raise SafepruneError(f"--outer-optimizer {self.outer_optimizer} needs whole weight matrices; ZeRO "
                                  f"(--zero-stage {self.zero_stage}) hands the optimizer flat partitions: use adamw "

@@ -330,7 +330,7 @@ def test_bilevel_constraint_form_value_model_and_multiplier(tmp_path, inner_step
                                bilevel_inner_steps=inner_steps)
     solver = build_solver(engine, engine.config, make_optimizer=recording_adamw)
     value = solver.value_model
-    assert value.module is not engine.student and set(solver.optimizers) == {"student", "value"}
+    assert value.module is not engine.student and set(solver.optimizers) == {"student"}
     for (name, a), b in zip(engine.student.state_dict().items(), value.module.state_dict().values()):
         assert torch.equal(a, b), name  # it starts where the student starts
     params = all_trainable(engine)
@@ -359,7 +359,7 @@ def test_bilevel_constraint_form_value_model_and_multiplier(tmp_path, inner_step
     RecordingAdamW.log = []
     scalars = solver.step(0)
     optimizers = [optimizer for optimizer, _ in RecordingAdamW.log]
-    assert optimizers == [solver.optimizers["value"]] * inner_steps + [solver.optimizers["student"]]
+    assert optimizers == [solver.value_optimizer] * inner_steps + [solver.optimizers["student"]]
     first_value_step = RecordingAdamW.log[0][1]
     for param, grad in zip(value.parameters(), value_grads):
         if grad is not None:

@@ -184,7 +184,11 @@ class Bilevel(Solver):
         if config.quality_tolerance is not None:
             self.dual = DualMultiplier(config.quality_tolerance, config.bilevel_lambda)
             self.value_model = engine.make_value_model()
-            self.optimizers["value"] = self.make_optimizer(self.value_model.parameters(), config.lr)
+            # the value model is replicated on every rank (gradients averaged, as in plain data parallelism), also
+            # under ZeRO, whose engine partitions the student only: so its optimizer and loss scaler are not among
+            # the solver's optimizers, which the many-rank mixins take over
+            self.value_optimizer = self.make_optimizer(self.value_model.parameters(), config.lr)
+            self.value_scaler = torch.amp.GradScaler(engine.device.type, enabled=config.mixed_precision == "fp16")
             self.probe = engine.probe_batches(PROBE_BATCHES * config.batch_size, seed=config.seed + 2)
         self.probed: dict[str, float] = {}  # the last check's probe-set losses, logged until the next check
 
@@ -200,11 +204,14 @@ class Bilevel(Solver):
         for k in range(self.config.bilevel_inner_steps):
             if k > 0:  # later inner steps draw batches of their own
                 data, _, teacher = self.teacher_step()
-            self.optimizers["value"].zero_grad(set_to_none=True)
+            self.value_optimizer.zero_grad(set_to_none=True)
             loss = self.engine.lower_loss(data, teacher, model=self.value_model)
-            self.backward(loss.total)
-            self.optimizer_step("value")
-            self.finish_step()  # a GradScaler steps each optimizer once per update
+            self.value_scaler.scale(loss.total).backward()
+            context = getattr(self.engine, "context", None)
+            if context is not None and context.world_size > 1:
+                context.average_gradients(self.value_model.parameters())
+            self.value_scaler.step(self.value_optimizer)
+            self.value_scaler.update()
             paired = as_float(loss.total) if paired is None else paired
         return paired
 
@@ -262,6 +269,8 @@ class Bilevel(Solver):
         state = super().state_dict()
         if self.dual is not None:
             state.update(self.dual.state_dict())
+            state["value_optimizer"] = self.value_optimizer.state_dict()
+            state["value_scaler"] = self.value_scaler.state_dict()
             state["value_model"] = {k: v.detach().cpu() for k, v in self.value_model.module.state_dict().items()}
             if self.value_model.projections is not None:
                 state["value_projections"] = {k: v.detach().cpu()
@@ -279,6 +288,9 @@ class Bilevel(Solver):
         if self.dual is not None:
             self.dual.load_state_dict(state)
             self.value_model.module.load_state_dict(state["value_model"])
+            self.value_optimizer.load_state_dict(state["value_optimizer"])
+            if state.get("value_scaler"):
+                self.value_scaler.load_state_dict(state["value_scaler"])
             if self.value_model.projections is not None:
                 self.value_model.projections.load_state_dict(state["value_projections"])
 
