@@ -36,7 +36,9 @@ def parse_overrides(pairs: list[str]) -> dict:
         if not sep or key not in types:
             raise SafepruneError(f"override {pair!r}: expected FIELD=VALUE with a RunConfig field")
         kind = str(types[key])
-        if "list" in kind:
+        if raw.lower() in ("none", "off") and "None" in kind:
+            values[key] = None
+        elif "list" in kind:
             values[key] = [v for v in raw.split("|") if v]
         elif "bool" in kind:
             values[key] = raw.lower() in ("1", "true", "yes")

@@ -23,6 +23,19 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# what an optional setting's flag gives for "none" / "off": an explicit None, told apart from a flag not given
+EXPLICIT_NONE = "<none>"
+
+
+def optional(kind):
+    """argparse type of an optional setting: "none" or "off" unsets it (e.g. --quality-tolerance none)."""
+    def parse(text: str):
+        return EXPLICIT_NONE if text.strip().lower() in ("none", "off") else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
+
+
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per RunConfig field, from its declaration: type, help, choices and default shown in --help.
 
@@ -33,7 +46,7 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     from .toy.default_run import TOY_TRAINING
 
     for f in flag_fields():
-        kind, repeatable, _ = setting_type(f.name)
+        kind, repeatable, can_be_none = setting_type(f.name)
         text = f.metadata.get("help", "")
         if f.metadata.get("choices"):
             text += ": " + " | ".join(map(str, f.metadata["choices"]))
@@ -46,7 +59,7 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
         elif repeatable:  # given once per value
             parser.add_argument(flag(f.name), action="append", type=kind, default=None, help=text)
         else:
-            parser.add_argument(flag(f.name), type=kind, default=None, help=text)
+            parser.add_argument(flag(f.name), type=optional(kind) if can_be_none else kind, default=None, help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +105,8 @@ def settings_from_args(args) -> tuple["RunConfig", set[str]]:
 
     file_values = read_config_file(args.config) if args.config else {}
     # the same normalisation as a file's values (e.g. one --anchor is the plain form for every concept)
-    overrides = checked_settings({name: getattr(args, name) for name in given_flags(args)},
+    given = {name: getattr(args, name) for name in given_flags(args)}
+    overrides = checked_settings({k: None if v == EXPLICIT_NONE else v for k, v in given.items()},
                                  lambda name, part: f"{flag(name)}: ")
     config = dataclasses.replace(RunConfig(**file_values), **overrides)  # validated by train(), after defaults
     return config, set(file_values) | set(overrides)

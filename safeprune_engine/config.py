@@ -108,16 +108,17 @@ class RunConfig:
     erase_method: str = setting("esd-u", "erasing objective: esd-u | esd-x | esd (every weight) | "
                                 "concept-ablation-model | concept-ablation-noise | uce | salun (or a plug-in's name)")
     eta: float = setting(1.0, "ESD negative-guidance strength")
-    bilevel_lambda: float = setting(100.0, "bilevel: lambda, the weight of the fine-tuning loss in every student "
-                                    "step (d L_cu + lambda d L_ft); with --quality-tolerance its starting value; "
-                                    "interleaved: the weight of L_ft in the outer step")
-    bilevel_inner_steps: int = setting(1, "inner steps per outer step: bilevel with --quality-tolerance, steps of the "
-                                       "value model (a copy trained on L_ft alone); interleaved, steps of the "
-                                       "student on L_ft alone")
+    bilevel_lambda: float = setting(1.0, "bilevel: lambda, the weight of the fine-tuning loss in every student step "
+                                    "(d L_cu + lambda d L_ft), fixed with --quality-tolerance none, else where the "
+                                    "multiplier starts; interleaved: the weight of L_ft in the outer step")
+    bilevel_inner_steps: int = setting(1, "inner steps per outer step: bilevel's constraint form, steps of the value "
+                                       "model (a copy trained on L_ft alone) per student step; interleaved, steps of "
+                                       "the student on L_ft alone")
     quality_tolerance: float | None = setting(
-        None, "bilevel constraint form: minimise L_cu subject to L_ft <= (1 + TOL) x min L_ft, with lambda found "
-        "by dual ascent against a value model trained on L_ft alone (one more student copy and forward+backward "
-        "per step)", unset="none: the penalty form with a fixed --bilevel-lambda")
+        0.05, "bilevel constraint form: minimise L_cu subject to L_ft <= (1 + TOL) x min L_ft, with lambda found by "
+        "dual ascent against a value model trained on L_ft alone (a second student copy, replicated on every rank, "
+        "and one more forward+backward of the data rows per step); none: the penalty form with a fixed "
+        "--bilevel-lambda")
     bilevel_joint_forward: bool = setting(
         False, "bilevel outer steps: one student forward over the data and concept rows and one backward of "
         "lambda L_ft + L_cu, instead of a forward and backward for each (needs an objective that trains the whole "
@@ -266,10 +267,7 @@ class RunConfig:
         if self.bilevel_joint_forward and (self.method != "bilevel" or self.nproc > 1 or self.zero_stage > 0):
             raise SafepruneError("--bilevel-joint-forward is a single-process bilevel option (--method bilevel, "
                                  "--nproc 1, --zero-stage 0)")
-        if self.quality_tolerance is not None:
-            if self.method != "bilevel":
-                raise SafepruneError(f"--quality-tolerance is the bilevel solver's constraint form; --method "
-                                     f"{self.method} has none (use --method bilevel, or leave it unset)")
+        if self.quality_tolerance is not None:  # only --method bilevel reads it
             if not self.quality_tolerance > 0:
                 raise SafepruneError(f"--quality-tolerance must be positive, got {self.quality_tolerance}")
         if self.outer_optimizer in ("factored", "factored-lean") and self.zero_stage > 0:

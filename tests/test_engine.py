@@ -304,7 +304,7 @@ def test_bilevel_penalty_every_step_follows_upper_plus_lambda_lower(tmp_path):
     """The paper's penalty method: EVERY student step is one step of one optimizer on d L_cu + lambda d L_ft (the
     upper part on the upper parameters only), on the same batch and teacher outputs; no value model is kept."""
     lam = float(torch.empty(()).uniform_(0.5, 4.0))
-    engine, _, _ = make_engine(tmp_path, method="bilevel", bilevel_lambda=lam)
+    engine, _, _ = make_engine(tmp_path, method="bilevel", bilevel_lambda=lam, quality_tolerance=None)
     solver = build_solver(engine, engine.config, make_optimizer=recording_adamw)
     assert set(solver.optimizers) == {"student"} and solver.value_model is None
     params = all_trainable(engine)
@@ -417,7 +417,7 @@ def test_dual_multiplier_moves_on_a_log_scale_toward_the_tolerance():
 def test_bilevel_refuses_checkpoints_of_the_interleaved_scheme(tmp_path):
     """A checkpoint of the earlier scheme (lower + outer optimizers) names the method that resumes it; a constraint-
     form checkpoint does not load into a penalty-form run."""
-    engine, solver, _ = make_engine(tmp_path, method="bilevel")
+    engine, solver, _ = make_engine(tmp_path, method="bilevel", quality_tolerance=None)
     with pytest.raises(SafepruneError, match="--method interleaved"):
         solver.load_state_dict({"optimizers": {"lower": {}, "outer": {}}, "scaler": {}})
     _, constrained, _ = make_engine(tmp_path / "c", method="bilevel", quality_tolerance=0.1)
@@ -521,7 +521,7 @@ def test_joint_forward_step_has_the_same_gradient(tmp_path, preserve):
     lam = float(torch.empty(()).uniform_(0.5, 4.0))
     extra = dict(preserve=["a photo"], preserve_weight=0.5) if preserve else {}
     engine, _, _ = make_engine(tmp_path, method="bilevel", erase_method="esd", bilevel_inner_steps=1,
-                               bilevel_lambda=lam, bilevel_joint_forward=True, **extra)
+                               bilevel_lambda=lam, bilevel_joint_forward=True, quality_tolerance=None, **extra)
     assert engine.joint_forward_possible
     solver = build_solver(engine, engine.config, make_optimizer=recording_adamw)
     params = all_trainable(engine)
