@@ -16,7 +16,7 @@ from .errors import SafepruneError
 
 COMMAND_MODULES = ("safeprune_engine.toy.commands", "safeprune_engine.eval.commands", "safeprune_engine.prune.commands")
 # the options of `safeprune run` that are no RunConfig field (besides --help)
-RUN_OPTIONS = ("--config", "--world")
+RUN_OPTIONS = ("--config", "--world", "--sweep-tolerances")
 
 
 def flag(name: str) -> str:
@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="YAML (or JSON) file whose keys are these flags' names; flags override it")
     from .toy.commands import WORLD_NAMES
 
+    run.add_argument("--sweep-tolerances", type=float, nargs="+", default=None, metavar="TOL",
+                     help="the built-in job only: also train a bilevel student at each of these --quality-tolerance "
+                          "values (OUT/bilevel-tolTOL), so the report draws bilevel's trade-off frontier too "
+                          "(about 4 minutes each on 2 CPU cores)")
     run.add_argument("--world", choices=WORLD_NAMES, default=None,
                      help="the built-in job only (no --teacher): run it on the toy world (default) or on the glyphs "
                           "validation world (its teacher, data, erased style, prompts and judge)")
@@ -137,10 +141,11 @@ def command_run(args) -> int:
         from .toy.default_run import METHODS, run_default
 
         run_default(config, methods=(args.method,) if args.method else METHODS, explicit=explicit,
-                    world=args.world)
+                    world=args.world, tolerances=tuple(args.sweep_tolerances or ()))
         return 0
-    if args.world:
-        raise SafepruneError("--world chooses the built-in job's world; it has no effect with --teacher")
+    if args.world or args.sweep_tolerances:
+        option = "--world" if args.world else "--sweep-tolerances"
+        raise SafepruneError(f"{option} is an option of the built-in job; it has no effect with --teacher")
     result = train(config)
     import os
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import RunConfig
+from ..errors import SafepruneError
 from .world import TOY, World, caption_for, concept_prompt, get_world
 
 log = logging.getLogger("safeprune_engine")
@@ -88,9 +89,11 @@ def _finished(run_dir: Path, steps: int) -> bool:
 
 def run_default(config: RunConfig, methods: tuple[str, ...] = METHODS, eval_samples: int = 2,
                 eval_steps: int = 20, finetune_images: int = FINETUNE_IMAGES, explicit: set[str] | None = None,
-                world: World | str | None = None) -> dict:
+                world: World | str | None = None, tolerances: tuple[float, ...] = ()) -> dict:
     """Train one student per method from the same pruned init, evaluate each and the teacher, write reports.
 
+    tolerances: extra bilevel students at these --quality-tolerance values (OUT/bilevel-tolTOL), drawn with the others
+    in the report's trade-off plots.
     world: "toy" (default) or "glyphs": whose teacher, data, erased style, prompt set and judge. A rerun of the
     same command continues where it stopped: finished students are reused, an interrupted one resumes from its
     last checkpoint (use another --out per world: the data split is rendered once per run dir).
@@ -102,6 +105,9 @@ def run_default(config: RunConfig, methods: tuple[str, ...] = METHODS, eval_samp
     from ..prune.base import calibration_batches, prune_unet
     from ..run import resolve_device, train
 
+    for tolerance in tolerances:
+        if not tolerance > 0:
+            raise SafepruneError(f"--sweep-tolerances: each tolerance must be positive, got {tolerance}")
     world = get_world(world)
     out = Path(config.out)
     config = toy_defaults(config, explicit, world)
@@ -119,15 +125,18 @@ def run_default(config: RunConfig, methods: tuple[str, ...] = METHODS, eval_samp
                                                 seed=config.seed, device=resolve_device(config)))
     print(report.summary(), flush=True)
 
+    # (name, method, changes): the students to train, the extra bilevel tolerances after the methods
+    students = [(method, method, {}) for method in methods]
+    students += [(f"bilevel-tol{t:g}", "bilevel", {"quality_tolerance": t}) for t in tolerances]
     runs: dict[str, Path] = {}
     trained: list[float] = []  # seconds per student trained in this invocation, for the overall ETA
-    for index, method in enumerate(methods, 1):
-        run_dir = out / method
+    for index, (name, method, changes) in enumerate(students, 1):
+        run_dir = out / name
         eta = ""
         if trained:
-            left = sum(trained) / len(trained) * (len(methods) - index + 1)
+            left = sum(trained) / len(trained) * (len(students) - index + 1)
             eta = f"; {time.perf_counter() - started:.0f} s elapsed, about {left:.0f} s of training left"
-        print(f"[{index}/{len(methods) + 1}] training the {method} student ({config.steps} steps){eta}", flush=True)
+        print(f"[{index}/{len(students) + 1}] training the {name} student ({config.steps} steps){eta}", flush=True)
         student_started = time.perf_counter()
         if _finished(run_dir, config.steps):
             print(f"  already trained: {run_dir}", flush=True)
@@ -135,7 +144,8 @@ def run_default(config: RunConfig, methods: tuple[str, ...] = METHODS, eval_samp
             resume = "latest" if list_checkpoints(run_dir) else None
             # one cache for all students: the data and the concept trajectories are encoded once
             cache_dir = config.cache_dir or str(out / "cache")
-            run_config = config.replace(method=method, out=str(run_dir), resume=resume, cache_dir=cache_dir)
+            run_config = config.replace(method=method, out=str(run_dir), resume=resume, cache_dir=cache_dir,
+                                        **changes)
             if method == "two-stage" and not config.snapshot_steps:
                 run_config = run_config.replace(snapshot_steps=two_stage_snapshot_steps(run_config))
             if config.launcher:  # new processes cannot receive in-memory models: the ranks load and prune themselves
@@ -143,10 +153,10 @@ def run_default(config: RunConfig, methods: tuple[str, ...] = METHODS, eval_samp
             else:  # train() works on its own copies of the teacher and the student
                 train(run_config, teacher=teacher, student=student)
             trained.append(time.perf_counter() - student_started)
-        runs[method] = run_dir / "pipeline"
+        runs[name] = run_dir / "pipeline"
     training_seconds = time.perf_counter() - started
 
-    print(f"[{len(methods) + 1}/{len(methods) + 1}] evaluating the teacher and {len(methods)} students", flush=True)
+    print(f"[{len(students) + 1}/{len(students) + 1}] evaluating the teacher and {len(students)} students", flush=True)
     prompts = toy_prompts(world=world)
     evaluations = {"teacher": evaluate(config.teacher, prompts, judge=world.name, samples_per_prompt=eval_samples,
                                        steps=eval_steps, seed=config.seed)}
