@@ -45,6 +45,10 @@ def test_short_default_run_writes_every_report_section(tmp_path):
     assert "at step 7" in tradeoff["points"][3]["strength"]
     assert [r["label"] for r in tradeoff["references"]] == ["teacher", "distill-only"]
     assert html.count("<svg") == 3 and "tradeoff" in html
+    # the constraint form's multiplier and slack reach the report
+    constraint = json.loads((out / "metrics.json").read_text())["constraint"]
+    assert set(constraint) == {"bilevel", "bilevel-tol0.2"} and constraint["bilevel"]["multiplier"] > 0
+    assert "multiplier" in html and "slack" in html
 
 
 def test_toy_defaults_fill_only_what_the_user_did_not_set(tmp_path):

@@ -164,6 +164,7 @@ def run_default(config: RunConfig, methods: tuple[str, ...] = METHODS, eval_samp
         evaluations[method] = evaluate(pipeline_dir, prompts, judge=world.name, samples_per_prompt=eval_samples,
                                        steps=eval_steps, seed=config.seed)
     tradeoff = tradeoff_points(out, runs, evaluations, prompts, world, eval_samples, eval_steps, config.seed)
+    constraint = constraint_state(runs)
     metrics = {
         "settings": {"world": world.name, "steps": config.steps, "batch_size": config.batch_size, "lr": config.lr,
                      "prune": report.to_dict(), "erase": config.erase, "anchor": config.anchor,
@@ -172,6 +173,7 @@ def run_default(config: RunConfig, methods: tuple[str, ...] = METHODS, eval_samp
                      "total_seconds": time.perf_counter() - started},
         "models": {name: result.model.to_dict() for name, result in evaluations.items()},
         "tradeoff": {"points": [p.to_dict() for p in tradeoff[0]], "references": [p.to_dict() for p in tradeoff[1]]},
+        "constraint": constraint,
     }
     for result in metrics["models"].values():
         result.pop("judged", None)
@@ -180,6 +182,24 @@ def run_default(config: RunConfig, methods: tuple[str, ...] = METHODS, eval_samp
     print(markdown_table(evaluations, world), flush=True)
     print(f"report: {out / 'report.html'} (also report.md, metrics.json)", flush=True)
     return metrics
+
+
+def constraint_state(runs: dict) -> dict[str, dict[str, float]]:
+    """Each constraint-form bilevel student's last logged multiplier, slack and ratio (from its summary.json)."""
+    state = {}
+    for name, pipeline_dir in runs.items():
+        summary = pipeline_dir.parent / "summary.json"
+        final = json.loads(summary.read_text()).get("final", {}) if summary.is_file() else {}
+        values = {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("constraint/")}
+        if values:
+            state[name] = values
+    return state
+
+
+def constraint_lines(constraint: dict) -> list[str]:
+    return [f"{name}: at the end, multiplier {v['multiplier']:.3g}, L_ft ratio to the value model {v['ratio']:.3f} "
+            f"on the probe set (slack {v['slack']:+.3f} below 1 + tolerance)" for name, v in constraint.items()
+            if {"multiplier", "ratio", "slack"} <= set(v)]
 
 
 def two_stage_snapshot_steps(config: RunConfig) -> list[int]:
@@ -321,7 +341,8 @@ def write_reports(out: Path, evaluations: dict, metrics: dict, world: World | st
              f"split with no '{world.erased_style}' image; erased concept {settings['erase']}. Training took "
              f"{settings['training_seconds']:.0f} s, the whole run {settings['total_seconds']:.0f} s.")
     md = [f"# safeprune-engine default run: concept leakage and erasure in the {world.name} world", "", intro, "",
-          markdown_table(evaluations, world), "", *[f"- {line}" for line in verdict(evaluations)], ""]
+          markdown_table(evaluations, world), "", *[f"- {line}" for line in verdict(evaluations)],
+          *[f"- {line}" for line in constraint_lines(metrics.get("constraint", {}))], ""]
     for set_name in sets:
         md += [f"## {set_name} prompts", f"Columns: {columns} (same prompts and seeds in every block).", "",
                f"![{set_name}](grids/{set_name}.png)", ""]
@@ -356,6 +377,7 @@ def write_reports(out: Path, evaluations: dict, metrics: dict, world: World | st
             "td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
             "img{image-rendering:pixelated;max-width:100%}</style></head><body>"
             f"<h1>Concept leakage and erasure in the {world.name} world</h1>"
-            f"<p>{intro}</p>{html_table()}<ul>{''.join(f'<li>{v}</li>' for v in verdict(evaluations))}</ul>"
+            f"<p>{intro}</p>{html_table()}<ul>{''.join(f'<li>{v}</li>' for v in verdict(evaluations))}"
+            f"{''.join(f'<li>{v}</li>' for v in constraint_lines(metrics.get('constraint', {})))}</ul>"
             f"{tradeoff_section}{''.join(sections)}</body></html>")
     (out / "report.html").write_text(html)
