@@ -40,7 +40,8 @@ def count_calls(module, counter, key):
 
 @pytest.mark.parametrize("method", ["bilevel", "alternating", "two-stage", "distill-only"])
 def test_exactly_one_frozen_forward_per_step_and_no_encoders(tmp_path, method):
-    engine, solver, teacher = make_engine(tmp_path, method=method)
+    """One teacher forward per training step (the constraint form's probe check adds its own, tested below)."""
+    engine, solver, teacher = make_engine(tmp_path, method=method, quality_tolerance=None)
     calls = {}
     hooks = [count_calls(engine.teacher, calls, "teacher"), count_calls(teacher.vae.encoder, calls, "vae"),
              count_calls(teacher.text_encoder, calls, "text")]
@@ -63,6 +64,23 @@ def test_exactly_one_frozen_forward_per_step_and_no_encoders(tmp_path, method):
     assert frozen_per_step == [1] * 8
     # every erasing method really took upper steps in this window (else the count above proves little)
     assert (upper_steps > 0) == (method != "distill-only")
+
+
+def test_constraint_form_runs_the_teacher_on_the_probe_only_at_checks(tmp_path):
+    """The constraint form: one teacher forward per step, plus one per probe batch every CHECK_EVERY steps."""
+    from safeprune_engine.bilevel.solvers import CHECK_EVERY
+
+    engine, solver, _ = make_engine(tmp_path, method="bilevel", quality_tolerance=0.05, steps=CHECK_EVERY + 2)
+    calls = {}
+    hook = count_calls(engine.teacher, calls, "teacher")
+    per_step = []
+    for step in range(CHECK_EVERY + 2):
+        calls.clear()
+        solver.step(step)
+        per_step.append(calls.get("teacher", 0))
+    hook.remove()
+    checks = {0, CHECK_EVERY}
+    assert per_step == [1 + len(solver.probe) if step in checks else 1 for step in range(CHECK_EVERY + 2)]
 
 
 def test_teacher_pass_batches_data_and_concept_rows(tmp_path):
