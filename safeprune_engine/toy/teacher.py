@@ -310,8 +310,8 @@ def train_unet(
         raise SafepruneError(f"the teacher trains epsilon or v_prediction, not {world.prediction_type!r}")
     alphas = scheduler.alphas_cumprod.float()  # (T,) the training noise schedule
     snr = alphas / (1.0 - alphas)
-    # min-SNR-gamma: the epsilon loss is weighted min(snr, gamma) / snr; the v loss (which is (snr + 1) times
-    # the epsilon loss in x0 units over snr) min(snr, gamma) / (snr + 1), the same weight in x0 terms
+    # min-SNR-gamma weighs the x0 error by min(snr, gamma); the epsilon error is snr times the x0 error and the
+    # v error (snr + 1) times, hence the divisors
     weight_base = snr + 1.0 if velocity else snr
     loss_weight = (torch.clamp(snr, max=recipe.snr_gamma) / weight_base if recipe.snr_gamma
                    else torch.ones_like(snr))
