@@ -269,6 +269,9 @@ class Bilevel(Solver):
         state = super().state_dict()
         if self.dual is not None:
             state.update(self.dual.state_dict())
+            probed = [self.probed.get("constraint/ft_student", float("nan")),
+                      self.probed.get("constraint/ft_value", float("nan"))]
+            state["probed"] = torch.tensor(probed, dtype=torch.float64)  # logged until the next check
             state["value_optimizer"] = self.value_optimizer.state_dict()
             state["value_scaler"] = self.value_scaler.state_dict()
             state["value_model"] = {k: v.detach().cpu() for k, v in self.value_model.module.state_dict().items()}
@@ -287,6 +290,9 @@ class Bilevel(Solver):
         super().load_state_dict(state)
         if self.dual is not None:
             self.dual.load_state_dict(state)
+            student_loss, value_loss = state["probed"].tolist()
+            self.probed = {} if student_loss != student_loss else {"constraint/ft_student": student_loss,
+                                                                   "constraint/ft_value": value_loss}
             self.value_model.module.load_state_dict(state["value_model"])
             self.value_optimizer.load_state_dict(state["value_optimizer"])
             if state.get("value_scaler"):

@@ -90,9 +90,17 @@ class DistributedTrainingEngine(TrainingEngine):
             param.requires_grad_(True)
         self._frozen = []
 
-    def lower_loss(self, data, teacher, runner=None) -> LowerLoss:
+    def probe_batches(self, rows: int, seed: int):
+        """This rank's rows of the constraint form's probe set (the same global rows as one process)."""
+        batches = []
+        for batch in super().probe_batches(rows, seed):
+            total = batch.latents.shape[0]
+            batches.append(self.memory_format(take_rows(batch, self.context.rows(total), total)))
+        return batches
+
+    def lower_loss(self, data, teacher, runner=None, model=None) -> LowerLoss:
         self.release_upper_freeze()  # an upper forward whose backward never came must not starve this one
-        loss = super().lower_loss(data, teacher, runner)
+        loss = super().lower_loss(data, teacher, runner, model)
         names = list(loss.parts)
         local = torch.stack([loss.total.detach().float()] + [loss.parts[n].detach().float() for n in names])
         global_values = self.context.mean(local)
