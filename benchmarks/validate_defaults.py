@@ -135,8 +135,8 @@ def summary_markdown(cells: list[dict], title: str) -> str:
             met = [k for k, v in cell["targets"].items() if v["met"]]
             missed = [k for k, v in cell["targets"].items() if not v["met"]]
             bilevel = next(p for p in cell["points"] if p["method"] == "bilevel")
-            rows.append((f"**bilevel** ({bilevel['strength']})", bilevel["metrics"],
-                         f"{len(met)}/{len(met) + len(missed)}" + (f" (missed: {', '.join(missed)})" if missed else "")))
+            note = f"{len(met)}/{len(met) + len(missed)}" + (f" (missed: {', '.join(missed)})" if missed else "")
+            rows.append((f"**bilevel** ({bilevel['strength']})", bilevel["metrics"], note))
             for name, metrics, note in rows:
                 cells_text = " | ".join("-" if metrics.get(k) is None else f"{metrics[k]:.3f}" for k in keys)
                 lines.append(f"| {cell['prune_ratio']:g} | {cell['seed']} | {name} | {cells_text} | {note} |")

@@ -34,7 +34,8 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     root = checkpoint_root(out_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "trainer_state.json").is_file()]
+    found = [p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith("step-") and (p / "trainer_state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 

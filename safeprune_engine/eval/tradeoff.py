@@ -142,7 +142,8 @@ def _reference_marker(shape: str, x: float, y: float, r: float = 5.5) -> str:
     if shape == "square":
         return f'<rect x="{x - r:.1f}" y="{y - r:.1f}" width="{2 * r:.1f}" height="{2 * r:.1f}"'
     if shape == "diamond":
-        return f'<path d="M{x:.1f} {y - r - 1:.1f}L{x + r + 1:.1f} {y:.1f}L{x:.1f} {y + r + 1:.1f}L{x - r - 1:.1f} {y:.1f}Z"'
+        d = f"M{x:.1f} {y - r - 1:.1f}L{x + r + 1:.1f} {y:.1f}L{x:.1f} {y + r + 1:.1f}L{x - r - 1:.1f} {y:.1f}Z"
+        return f'<path d="{d}"'
     return f'<path d="M{x:.1f} {y - r - 1:.1f}L{x + r + 1:.1f} {y + r:.1f}L{x - r - 1:.1f} {y + r:.1f}Z"'
 
 
@@ -484,5 +485,6 @@ def evaluate_sweep(models: Sequence[SweepModel], prompts=None, judge="toy", refe
     return SweepResult(points=points, references=refs, settings=shared or {}, prompts=specs)
 
 
-__all__ = ["TradeoffPoint", "pareto_front", "tradeoff_svg", "tradeoff_html", "report_page", "describe_run", "sweep_models",
+__all__ = ["TradeoffPoint", "pareto_front", "tradeoff_svg", "tradeoff_html", "report_page", "describe_run",
+           "sweep_models",
            "reference_models", "evaluate_sweep", "SweepResult", "SweepModel", "PANELS"]
