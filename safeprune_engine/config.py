@@ -28,7 +28,7 @@ IDENTITY_FIELDS = (
     "teacher", "data", "erase", "erase_data", "erase_prompts", "anchor", "prune_ratio", "target_macs", "prune_importance",
     "method", "batch_size", "concept_batch_size", "resolution", "lr", "lr_upper", "seed", "mixed_precision",
     "w_diff", "w_out", "w_feat", "snr_gamma", "erase_method", "eta", "bilevel_lambda", "bilevel_inner_steps",
-    "quality_tolerance",
+    "quality_tolerance", "quality_dual_rate",
     "upper_every", "two_stage_erase_steps", "esd_pool_size", "esd_ddim_steps", "esd_guidance",
     "prune_method", "prune_calibration_batches", "preserve", "preserve_from_data", "preserve_weight", "uce_when",
     "uce_lambda",
@@ -119,6 +119,8 @@ class RunConfig:
         "dual ascent against a value model trained on L_ft alone (a second student copy, replicated on every rank, "
         "and one more forward+backward of the data rows per step); none: the penalty form with a fixed "
         "--bilevel-lambda")
+    quality_dual_rate: float = setting(0.1, "constraint form: how fast the multiplier moves, the step of log lambda "
+                                       "per check (every 10 steps) at a violation of the tolerance's own size")
     bilevel_joint_forward: bool = setting(
         False, "bilevel outer steps: one student forward over the data and concept rows and one backward of "
         "lambda L_ft + L_cu, instead of a forward and backward for each (needs an objective that trains the whole "
@@ -270,6 +272,8 @@ class RunConfig:
         if self.quality_tolerance is not None:  # only --method bilevel reads it
             if not self.quality_tolerance > 0:
                 raise SafepruneError(f"--quality-tolerance must be positive, got {self.quality_tolerance}")
+            if not self.quality_dual_rate > 0:
+                raise SafepruneError(f"--quality-dual-rate must be positive, got {self.quality_dual_rate}")
         if self.outer_optimizer in ("factored", "factored-lean") and self.zero_stage > 0:
             raise SafepruneError(f"--outer-optimizer {self.outer_optimizer} needs whole weight matrices; ZeRO "
                                  f"(--zero-stage {self.zero_stage}) hands the optimizer flat partitions: use adamw "

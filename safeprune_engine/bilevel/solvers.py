@@ -182,7 +182,7 @@ class Bilevel(Solver):
         self.dual: DualMultiplier | None = None
         self.value_model = None
         if config.quality_tolerance is not None:
-            self.dual = DualMultiplier(config.quality_tolerance, config.bilevel_lambda)
+            self.dual = DualMultiplier(config.quality_tolerance, config.bilevel_lambda, rate=config.quality_dual_rate)
             self.value_model = engine.make_value_model()
             # the value model is replicated on every rank (gradients averaged, as in plain data parallelism), also
             # under ZeRO, whose engine partitions the student only: so its optimizer and loss scaler are not among
