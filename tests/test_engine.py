@@ -340,7 +340,8 @@ def test_bilevel_penalty_every_step_follows_upper_plus_lambda_lower(tmp_path):
 def test_bilevel_constraint_form_value_model_and_multiplier(tmp_path, inner_steps):
     """--quality-tolerance: the multiplier takes a dual-ascent step from L_ft of the student and of the value model
     on the fixed probe set; the value model (a copy of the student) then takes K steps on its own L_ft, the first on
-    the outer step's batch and teacher outputs; the student follows d L_cu + mu d L_ft with the updated mu."""
+    the outer step's batch and teacher outputs; the student follows (d L_cu + mu d L_ft) / (1 + mu) with the
+    updated mu."""
     from safeprune_engine.bilevel.constraint import DualMultiplier
 
     lam0 = 2.0
@@ -373,7 +374,8 @@ def test_bilevel_constraint_form_value_model_and_multiplier(tmp_path, inner_step
     replay(engine, state)
     # value steps after the first draw batches of their own, after the student's draw: the student's gradients are
     # those of the first draw
-    expected = expected_penalty_gradients(engine, params, reference.multiplier)
+    mu = reference.multiplier  # the constraint form steps on (d L_cu + mu d L_ft) / (1 + mu)
+    expected = [g if isinstance(g, int) else g / (1 + mu) for g in expected_penalty_gradients(engine, params, mu)]
     RecordingAdamW.log = []
     scalars = solver.step(0)
     optimizers = [optimizer for optimizer, _ in RecordingAdamW.log]

@@ -167,9 +167,10 @@ class Bilevel(Solver):
     Penalty form (--quality-tolerance none): λ = --bilevel-lambda, fixed, and no ϑ is kept (it would cost a
     model copy and a forward+backward per step and change nothing).
     Constraint form (--quality-tolerance TOL): minimise L_cu subject to L_ft(θ) <= (1 + TOL)·min L_ft. ϑ is kept
-    as the value model: a copy of the student trained on L_ft alone, K inner steps per outer step, the first on
-    the outer step's own batch and teacher outputs so the ratio L_ft(θ)/L_ft(ϑ) is paired; λ becomes the
-    constraint's multiplier, found by dual ascent from --bilevel-lambda (bilevel.constraint.DualMultiplier).
+    as the value model: a copy of the student trained on L_ft alone, K inner steps per outer step (the first on
+    the outer step's own batch and teacher outputs); λ becomes the constraint's multiplier μ, found by dual ascent
+    from --bilevel-lambda on a fixed probe set (bilevel.constraint.DualMultiplier), and the student follows
+    (d L_cu + μ·d L_ft) / (1 + μ) (see weights()).
     """
 
     def __init__(self, engine, config, make_optimizer=None):
@@ -196,6 +197,16 @@ class Bilevel(Solver):
     def multiplier(self) -> float:
         """λ of this step: fixed (penalty form) or the constraint's current multiplier."""
         return self.dual.multiplier if self.dual is not None else self.config.bilevel_lambda
+
+    def weights(self) -> tuple[float, float]:
+        """(weight of L_ft, weight of L_cu) in the student's step. Penalty form: (λ, 1). Constraint form:
+        (μ, 1) / (1 + μ), the same direction at a scale that does not follow μ: μ moves by orders of magnitude
+        within a few hundred steps, AdamW's second moments lag such a change, and its steps would grow with it (a
+        rising μ then made the student's L_ft worse, not better)."""
+        if self.dual is None:
+            return self.config.bilevel_lambda, 1.0
+        mu = self.dual.multiplier
+        return mu / (1.0 + mu), 1.0 / (1.0 + mu)
 
     def value_steps(self, data, teacher) -> float:
         """K inner steps of ϑ on L_ft, the first on the outer step's batch and teacher outputs (no teacher pass of its
@@ -251,13 +262,15 @@ class Bilevel(Solver):
         value_loss = self.value_steps(data, teacher) if self.value_model is not None else None
         if self.config.bilevel_joint_forward:  # one forward over [data | concept], one backward
             lower, upper = self.engine.joint_losses(data, concept, teacher, runner=self.runner)
-            self.backward(self.multiplier * lower.total + upper)
+            w_lower, w_upper = self.weights()
+            self.backward(w_lower * lower.total + w_upper * upper)
         else:
             lower = self.engine.lower_loss(data, teacher, runner=self.runner)
-            self.backward(lower.total * self.multiplier)
+            w_lower, w_upper = self.weights()
+            self.backward(lower.total * w_lower)
             teacher.release_data()
             upper = self.engine.upper_loss(concept, teacher, runner=self.runner)
-            self.accumulate(upper, self.engine.upper_parameters())
+            self.accumulate(upper, self.engine.upper_parameters(), scale=w_upper)
         self.optimizer_step("student")
         self.finish_step()
         extra = {"penalty/lambda": self.multiplier, **checked}

@@ -34,10 +34,12 @@ DATA_SEED = 1234
 # The built-in job's size, used for every field the user did not set, the same on every world (toy and glyphs): a
 # 50%-MACs student trained 800 steps at batch 8 and lr 1e-4 (the tiny UNets learn at a higher rate than SD's
 # default 1e-5), and a trajectory pool of 32 per erase prompt (8 left 12-19% of the style: the student fits a small
-# pool and the erasure does not generalise to fresh samples). How the student erases and what it keeps (solver,
-# quality tolerance, anchor, objective) are RunConfig's own defaults; see docs/status.md for how they were chosen.
-TOY_TRAINING = dict(steps=800, batch_size=8, lr=1e-4, target_macs=0.5, esd_pool_size=32, checkpoint_every=200,
-                    log_every=20)
+# pool and the erasure does not generalise to fresh samples). Two-stage's erase phase runs at lr_upper 3e-5: at the
+# default 5 x lr it destroyed content and every other style within 10 erase steps, which leaves its trade-off
+# frontier no points worth comparing. How the bilevel student erases and what it keeps (solver, quality tolerance,
+# anchor, objective) are RunConfig's own defaults; see docs/status.md for how they were chosen.
+TOY_TRAINING = dict(steps=800, batch_size=8, lr=1e-4, lr_upper=3e-5, target_macs=0.5, esd_pool_size=32,
+                    checkpoint_every=200, log_every=20)
 
 
 def toy_defaults(config: RunConfig, explicit: set[str] | None = None, world: World | str | None = None
