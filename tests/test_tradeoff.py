@@ -95,13 +95,14 @@ def write_run(path: Path, **settings) -> Path:
 
 
 @pytest.mark.parametrize("settings,expected", [
-    ({}, ("bilevel", "lambda 100")),
+    ({}, ("bilevel", "tol 0.05")),
+    ({"quality_tolerance": None}, ("bilevel", "lambda 1")),
     ({"quality_tolerance": 0.05, "bilevel_lambda": 3.0}, ("bilevel", "tol 0.05")),
     ({"method": "two-stage", "lr": 1e-4}, ("two-stage", "2 erase steps, lr_upper 0.0005")),
     ({"method": "two-stage", "two_stage_erase_steps": 3, "lr_upper": 0.01, "eta": 2.0},
      ("two-stage", "3 erase steps, lr_upper 0.01, eta 2")),
     ({"method": "distill-only", "erase": []}, ("distill-only", "no erasing")),
-    ({"erase_method": "esd-x", "bilevel_lambda": 10.0}, ("bilevel", "lambda 10, esd-x")),
+    ({"erase_method": "esd-x", "bilevel_lambda": 10.0, "quality_tolerance": None}, ("bilevel", "lambda 10, esd-x")),
 ])
 def test_describe_run_names_the_erase_strength(tmp_path, settings, expected):
     run = write_run(tmp_path / "run", **settings)
@@ -248,7 +249,7 @@ def test_eval_sweep_writes_every_point_to_json_and_html(world, runs, tmp_path, c
     data = json.loads(out.read_text())
     # the bilevel run's pipeline and its step-2 snapshot (step 4 is the pipeline), the two-stage run's pipeline
     assert [(p["label"], p["method"], p["strength"]) for p in data["points"]] == [
-        (bilevel, "bilevel", "lambda 100"), (bilevel + "@2", "bilevel", "lambda 100 at step 2"),
+        (bilevel, "bilevel", "tol 0.05"), (bilevel + "@2", "bilevel", "tol 0.05 at step 2"),
         (two_stage, "two-stage", "1 erase steps, lr_upper 0.005")]
     assert data["points"][1]["unet"].endswith("step-00000002") and data["points"][0]["unet"] is None
     assert [(r["label"], r["method"]) for r in data["references"]] == [("teacher", "reference")]

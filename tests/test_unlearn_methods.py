@@ -40,7 +40,8 @@ def make_engine(world, **overrides):
     settings = dict(out=str(world["root"] / "run"), erase=["by monet"], method="two-stage", batch_size=2,
                     concept_batch_size=4, resolution=16, steps=4, bilevel_inner_steps=1, upper_every=2,
                     two_stage_erase_steps=2, esd_pool_size=4, esd_ddim_steps=3, progress=False, lr=1e-3,
-                    salun_batches=2, device="cpu")
+                    salun_batches=2, device="cpu", quality_tolerance=None,  # the penalty form: one teacher pass a step
+                    kernels="off")  # the module-wide teacher stays unpatched whatever --kernels auto would time
     settings.update(overrides)
     config = RunConfig(**settings).validate()
     engine = build_engine(config, world["teacher"], copy.deepcopy(world["student"]), world["folder"],
@@ -256,11 +257,26 @@ def test_every_erase_method_with_every_solver(world, erase_method, method):
                                  preserve=["a cat"], salun_batches=1)
     weights = snapshot(engine.student)
     per_step, uppers = count_frozen_forwards(engine, solver, 2)
-    assert uppers == (0 if method == "distill-only" else 1)
+    # bilevel carries the concept rows in every step; the others in one of these two
+    assert uppers == {"distill-only": 0, "bilevel": 2}.get(method, 1)
     # one batched frozen forward per step; UCE's erase-only step needs none
     expected = [1, 0] if (method, erase_method) == ("two-stage", "uce") else [1, 1]
     assert per_step == expected
     assert any(not torch.equal(weights[n], p) for n, p in engine.student.named_parameters())
+
+
+@pytest.mark.parametrize("erase_method", ["uce", "salun", "esd-x"])
+def test_constraint_form_with_restricted_and_weight_space_objectives(world, erase_method):
+    """The default constraint form trains with objectives that restrict the upper gradient (ESD-x, SalUn's mask)
+    or have no latents (UCE): the student moves, the value model moves, and the multiplier is logged."""
+    engine, solver = make_engine(world, erase_method=erase_method, method="bilevel", quality_tolerance=0.05,
+                                 steps=2, preserve=["a cat"], salun_batches=1)
+    weights, value = snapshot(engine.student), snapshot(solver.value_model.module)
+    for step in range(2):
+        scalars = solver.step(step)
+    assert scalars["constraint/multiplier"] > 0 and "loss/cu" in scalars
+    assert any(not torch.equal(weights[n], p) for n, p in engine.student.named_parameters())
+    assert any(not torch.equal(value[n], p) for n, p in solver.value_model.module.named_parameters())
 
 
 # ---- resume keeps an objective's state (SalUn's mask, UCE's reference), also for a BK student ----------------

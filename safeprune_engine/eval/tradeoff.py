@@ -302,9 +302,11 @@ def describe_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[s
     config = read_run_config(run_dir)
     default = RunConfig()
     shown = set()
-    if config.method == "bilevel" and config.quality_tolerance is not None:
-        parts = [f"tol {config.quality_tolerance:g}"]
-    elif config.method in ("bilevel", "interleaved"):
+    if config.method == "bilevel":
+        shown.add("lr_upper")  # bilevel steps the student at lr only
+        parts = [f"tol {config.quality_tolerance:g}" if config.quality_tolerance is not None
+                 else f"lambda {config.bilevel_lambda:g}"]
+    elif config.method == "interleaved":
         parts = [f"lambda {config.bilevel_lambda:g}"]
     elif config.method == "two-stage":
         parts = [f"{config.effective_two_stage_erase_steps} erase steps, lr_upper {config.effective_lr_upper:g}"]
