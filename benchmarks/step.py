@@ -2,7 +2,8 @@
 
 Variants (same batch size, seed, teacher, pruned student and images for all; ours with the shipped defaults):
   (a) ours, solver "distill-only": one teacher forward over the data rows + student forward/backward + AdamW;
-  (b) ours, solver "bilevel": the lower-only step and the outer step (lower + upper; the upper level's teacher
+  (b) ours, solver "interleaved" (the schedule `bilevel` had before issue 12, comparable with (c)): the lower-only
+      step and the outer step (lower + upper; the upper level's teacher
       targets come from the concept pool cached before training, so the teacher runs the data rows only) timed
       separately and amortised over a period of P steps (P-1 lower + 1 outer), with --kernels (default auto);
   (k) (b) with --kernels off: what the fused ops buy;
@@ -314,8 +315,11 @@ def run_worker(args) -> None:
         kinds = {"step": checked(lambda: solver.step(0))}
     else:
         kernels = "off" if args.worker == "k" else args.kernels
-        extra = {"e": dict(erase_method="esd"), "j": dict(erase_method="esd", bilevel_joint_forward=True)}
-        engine, solver = build_ours(args, bundle, student, device, workdir, "bilevel", kernels,
+        # e / j: the joint forward is a bilevel (penalty form) option, whose every step is a full outer step
+        extra = {"e": dict(erase_method="esd", quality_tolerance=None),
+                 "j": dict(erase_method="esd", bilevel_joint_forward=True, quality_tolerance=None)}
+        method = "bilevel" if args.worker in extra else "interleaved"
+        engine, solver = build_ours(args, bundle, student, device, workdir, method, kernels,
                                     **extra.get(args.worker, {}))
         kinds = {"lower": checked(lambda: solver.step(0)), "outer": checked(lambda: solver.step(args.period - 1))}
     info["setup_s"] = time.perf_counter() - t0
