@@ -51,7 +51,7 @@ COLOURS = ("red", "green", "blue", "yellow")
 DATA_CAPTIONS = [f"a {c} square" for c in COLOURS] + [f"a {c} square on a dark background" for c in COLOURS]
 CONCEPT_CAPTIONS = [f"a {c} square {CONCEPT}" for c in COLOURS]
 VARIANTS = ("a", "b", "k", "c", "e", "j")
-LABELS = {"a": "(a) ours distill-only", "b": "(b) ours bilevel", "k": "(k) ours bilevel, --kernels off",
+LABELS = {"a": "(a) ours distill-only", "b": "(b) ours interleaved", "k": "(k) ours interleaved, --kernels off",
           "c": "(c) reference-style", "e": "(e) ours bilevel, esd (whole student)",
           "j": "(j) (e) with --bilevel-joint-forward"}
 BILEVEL_VARIANTS = ("b", "k", "e", "j")
