@@ -212,13 +212,13 @@ class Bilevel(Solver):
         """K inner steps of ϑ on L_ft, the first on the outer step's batch and teacher outputs (no teacher pass of its
         own); returns ϑ's L_ft on that batch, measured before its update."""
         paired = None
+        context = getattr(self.engine, "context", None)
         for k in range(self.config.bilevel_inner_steps):
             if k > 0:  # later inner steps draw batches of their own
                 data, _, teacher = self.teacher_step()
             self.value_optimizer.zero_grad(set_to_none=True)
             loss = self.engine.lower_loss(data, teacher, model=self.value_model)
             self.value_scaler.scale(loss.total).backward()
-            context = getattr(self.engine, "context", None)
             if context is not None and context.world_size > 1:
                 context.average_gradients(self.value_model.parameters())
             self.value_scaler.step(self.value_optimizer)
@@ -226,31 +226,24 @@ class Bilevel(Solver):
             paired = as_float(loss.total) if paired is None else paired
         return paired
 
-    def mean_over_ranks(self, *values: float) -> list[float]:
-        """The same numbers on every rank, so every rank's multiplier stays identical."""
-        context = getattr(self.engine, "context", None)
-        if context is None or context.world_size == 1:
-            return list(values)
-        return context.mean(torch.tensor(values, dtype=torch.float64, device=self.engine.device)).tolist()
-
     @torch.no_grad()
     def probe_losses(self) -> tuple[float, float]:
-        """L_ft of the student and of the value model on the fixed probe set (row-weighted means)."""
-        engine, totals, rows = self.engine, [0.0, 0.0], 0
+        """L_ft of the student and of the value model on the fixed probe set: the mean over its batches, which all
+        hold batch_size rows in all. The engine's loss values are global means on many ranks, so every rank gets
+        the same numbers (and keeps the same multiplier) without a collective of its own."""
+        engine, totals = self.engine, [0.0, 0.0]
         for batch in self.probe:
             teacher = engine.teacher_pass(batch, None, features=self.config.w_feat > 0)
-            count = batch.latents.shape[0]
-            totals[0] += as_float(engine.lower_loss(batch, teacher, runner=self.runner).total) * count
-            totals[1] += as_float(engine.lower_loss(batch, teacher, model=self.value_model).total) * count
-            rows += count
-        return totals[0] / rows, totals[1] / rows
+            totals[0] += as_float(engine.lower_loss(batch, teacher, runner=self.runner).total)
+            totals[1] += as_float(engine.lower_loss(batch, teacher, model=self.value_model).total)
+        return totals[0] / len(self.probe), totals[1] / len(self.probe)
 
     def check_constraint(self, iteration: int) -> dict[str, float]:
         """Every CHECK_EVERY steps (and at the first): one dual-ascent step from the probe-set losses."""
         if self.dual is None:
             return {}
         if iteration % CHECK_EVERY == 0:
-            student_loss, value_loss = self.mean_over_ranks(*self.probe_losses())
+            student_loss, value_loss = self.probe_losses()
             self.dual.update(student_loss, value_loss)
             self.probed = {"constraint/ft_student": student_loss, "constraint/ft_value": value_loss}
         return {**self.dual.scalars(), **self.probed}
