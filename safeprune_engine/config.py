@@ -27,8 +27,8 @@ OUTER_OPTIMIZERS = ("factored", "factored-lean", "adamw-8bit", "adamw")  # --out
 IDENTITY_FIELDS = (
     "teacher", "data", "erase", "erase_data", "erase_prompts", "anchor", "prune_ratio", "target_macs", "prune_importance",
     "method", "batch_size", "concept_batch_size", "resolution", "lr", "lr_upper", "seed", "mixed_precision",
-    "w_diff", "w_out", "w_feat", "snr_gamma", "erase_method", "eta", "bilevel_lambda", "bilevel_inner_steps",
-    "quality_tolerance", "quality_dual_rate",
+    "w_diff", "w_out", "w_feat", "snr_gamma", "caption_dropout", "erase_method", "eta", "bilevel_lambda",
+    "bilevel_inner_steps", "quality_tolerance", "quality_dual_rate",
     "upper_every", "two_stage_erase_steps", "esd_pool_size", "esd_ddim_steps", "esd_guidance",
     "prune_method", "prune_calibration_batches", "preserve", "preserve_from_data", "preserve_weight", "uce_when",
     "uce_lambda",
@@ -104,6 +104,10 @@ class RunConfig:
     w_out: float = setting(2.0, "weight of output distillation")
     w_feat: float = setting(0.1, "weight of feature distillation")
     snr_gamma: float | None = setting(None, "min-SNR gamma for the diffusion loss", unset="off")
+    # Sampling with classifier-free guidance reads the unconditional prediction at every step and amplifies its
+    # errors by the guidance scale; fine-tuning captions never train it, so an erasing objective may move it unseen
+    caption_dropout: float = setting(0.0, "fraction of fine-tuning rows trained (and distilled) with the empty caption, "
+                                     "so L_ft also holds the unconditional prediction that guided sampling uses")
 
     erase_method: str = setting("esd-u", "erasing objective: esd-u | esd-x | esd (every weight) | "
                                 "concept-ablation-model | concept-ablation-noise | uce | salun (or a plug-in's name)")
@@ -315,6 +319,8 @@ class RunConfig:
                 raise SafepruneError("a --preserve prompt is empty")
         if self.preserve_weight < 0:
             raise SafepruneError(f"--preserve-weight must be >= 0, got {self.preserve_weight}")
+        if not 0 <= self.caption_dropout < 1:
+            raise SafepruneError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
         if self.preserve_from_data < 0:
             raise SafepruneError(f"--preserve-from-data must be >= 0, got {self.preserve_from_data}")
         if self.erase_method == "uce":

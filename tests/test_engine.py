@@ -153,6 +153,48 @@ def test_v_prediction_target_is_velocity(tmp_path):
     torch.testing.assert_close(batch.target, a.sqrt() * noise - (1 - a).sqrt() * z0)
 
 
+@pytest.mark.parametrize("method", ["distill-only", "bilevel"])
+def test_caption_dropout_trains_rows_on_the_empty_caption(tmp_path, method):
+    """--caption-dropout: about that fraction of rows carry the empty caption's embedding (and the teacher is run on
+    the same rows), the others their own caption; the probe set drops the same way every time."""
+    from safeprune_engine.data.cache import encode_prompts
+
+    engine, _, teacher = make_engine(tmp_path, method=method, caption_dropout=0.5, batch_size=8, concept_batch_size=2)
+    empty = encode_prompts(teacher, [""])[0]
+    captions = engine.data.text_emb
+    dropped = kept = 0
+    for _ in range(8):
+        batch = engine.sample_data_batch()
+        for row in batch.text_emb:
+            if torch.equal(row, empty):
+                dropped += 1
+            else:
+                assert any(torch.equal(row, c) for c in captions)
+                kept += 1
+    assert 16 <= dropped <= 48 and dropped + kept == 64  # 32 expected; binomial(64, 0.5) stays well inside
+    outputs = engine.teacher_pass(batch, None)
+    with torch.no_grad():
+        direct = engine.teacher(batch.latents.to(next(engine.teacher.parameters()).dtype), batch.timesteps,
+                                encoder_hidden_states=batch.text_emb).sample
+    torch.testing.assert_close(outputs.data_prediction.float(), direct.float(), rtol=1e-4, atol=1e-5)
+    probe, again = engine.probe_batches(8, seed=3), engine.probe_batches(8, seed=3)
+    assert all(torch.equal(a.text_emb, b.text_emb) for a, b in zip(probe, again))
+
+
+def test_caption_dropout_draws_after_the_rows_and_is_validated(tmp_path):
+    """The dropout draw comes after a batch's latents, noise and timesteps, so a run with it sees the same first
+    batch of images as one without (and at 0 nothing is drawn: every row keeps its caption)."""
+    plain, _, _ = make_engine(tmp_path / "a", method="distill-only", batch_size=8)
+    dropping, _, _ = make_engine(tmp_path / "b", method="distill-only", batch_size=8, caption_dropout=0.5)
+    a, b = plain.sample_data_batch(), dropping.sample_data_batch()
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.timesteps, b.timesteps)
+    assert not torch.equal(a.text_emb, b.text_emb)
+    assert all(any(torch.equal(row, c) for c in plain.data.text_emb) for row in a.text_emb)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(SafepruneError, match="caption-dropout"):
+            RunConfig(caption_dropout=bad).validate()
+
+
 def snapshot(module):
     return {name: p.detach().clone() for name, p in module.named_parameters()}
 

@@ -118,11 +118,13 @@ class TrainingEngine:
         prompts=None,
         feature_pairs: list[tuple[str, str]] | None = None,
         kernel_patches: list | None = None,
+        empty_text_emb: torch.Tensor | None = None,
     ):
         """prompts: the encoded ConceptPrompts (objectives that work from text alone, e.g. UCE, read them);
         feature_pairs: (student block, teacher block) names to distil features between (default: every block,
         by position); kernel_patches: (unet, PatchRecord) of the fused ops put into the student and teacher
-        (--kernels), which the run undoes before it hands the models back."""
+        (--kernels), which the run undoes before it hands the models back; empty_text_emb: (1, L, D) embedding of the
+        empty caption, which --caption-dropout puts in place of a row's caption."""
         self.device = torch.device(device)
         self.student, self.teacher = student, teacher
         self.scheduler, self.prediction_type = noise_scheduler, prediction_type
@@ -134,6 +136,10 @@ class TrainingEngine:
         self.sampler = EpochSampler(len(data_cache), self.generator)
         self.prompts = prompts
         self.kernel_patches = list(kernel_patches or [])
+        self.caption_dropout = float(getattr(config, "caption_dropout", 0.0))
+        if self.caption_dropout > 0 and empty_text_emb is None:
+            raise ValueError("caption_dropout > 0 needs the empty caption's embedding (empty_text_emb)")
+        self.empty_text_emb = None if empty_text_emb is None else empty_text_emb.to(self.device)
         self.student_taps = BlockTaps(student, None if feature_pairs is None else [s for s, _ in feature_pairs])
         self.teacher_taps = BlockTaps(teacher, None if feature_pairs is None else [t for _, t in feature_pairs])
         mp = config.mixed_precision
@@ -172,7 +178,17 @@ class TrainingEngine:
                           device=self.device)
         z_t = self.scheduler.add_noise(z0, noise, t)
         target = self.scheduler.get_velocity(z0, noise, t) if self.prediction_type == "v_prediction" else noise
-        return DataBatch(latents=z_t, timesteps=t, text_emb=self.data.text_emb[index], target=target)
+        text_emb = self.drop_captions(self.data.text_emb[index], self.generator)
+        return DataBatch(latents=z_t, timesteps=t, text_emb=text_emb, target=target)
+
+    def drop_captions(self, text_emb: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """--caption-dropout: each row's caption replaced by the empty one with that probability (no draw at 0, so
+        runs without it keep their random stream)."""
+        if self.caption_dropout <= 0:
+            return text_emb
+        dropped = torch.rand(text_emb.shape[0], generator=generator, device=self.device) < self.caption_dropout
+        empty = self.empty_text_emb.to(text_emb.dtype).expand_as(text_emb)
+        return torch.where(dropped[:, None, None], empty, text_emb)
 
     def probe_batches(self, rows: int, seed: int) -> list[DataBatch]:
         """A fixed set of `rows` noised data rows, in batches of at most batch_size, for measuring L_ft the same way
@@ -192,7 +208,8 @@ class TrainingEngine:
             noise = torch.randn(z0.shape, generator=generator, device=self.device, dtype=z0.dtype)
             target = self.scheduler.get_velocity(z0, noise, t) if self.prediction_type == "v_prediction" else noise
             batches.append(DataBatch(latents=self.scheduler.add_noise(z0, noise, t), timesteps=t,
-                                     text_emb=self.data.text_emb[part], target=target))
+                                     text_emb=self.drop_captions(self.data.text_emb[part], generator),
+                                     target=target))
         return batches
 
     def sample_concept_batch(self) -> ConceptBatch | None:

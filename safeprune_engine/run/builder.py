@@ -136,7 +136,7 @@ def build_engine(config: RunConfig, teacher, student, data_folder, cache_dir: Pa
     caller's teacher); teacher_fingerprint: teacher_unet's weights fingerprint (keys the trajectory pool cache;
     default: computed now); session: the process layout (default a LocalSession of config).
     """
-    from ..data.cache import build_latent_cache
+    from ..data.cache import build_latent_cache, encode_prompts
     from ..distill.features import pair_feature_blocks
     from ..distill.losses import FeatureProjections
     from ..memory import (apply_student_options, apply_teacher_options, cast_module, quantize_teacher_int8,
@@ -163,6 +163,7 @@ def build_engine(config: RunConfig, teacher, student, data_folder, cache_dir: Pa
         data_cache = session.main_first(lambda: build_latent_cache(
             teacher, data_folder, resolution=config.resolution, cache_dir=cache_dir / "data", progress=progress))
         data_cache = data_cache.to(device)
+        empty_text_emb = encode_prompts(teacher, [""]).to(device) if config.caption_dropout > 0 else None
         if config.method != "distill-only":
             objective = build_objective(config)
             session.check_objective(objective)
@@ -200,7 +201,7 @@ def build_engine(config: RunConfig, teacher, student, data_folder, cache_dir: Pa
     engine = session.make_engine(
         student, teacher_unet, teacher.noise_scheduler(), teacher.prediction_type, data_cache, config,
         concept_source=concept_source, objective=objective, projections=projections, device=device, prompts=prompts,
-        feature_pairs=feature_pairs, kernel_patches=kernel_patches)
+        feature_pairs=feature_pairs, kernel_patches=kernel_patches, empty_text_emb=empty_text_emb)
 
     # 4. the teacher's upper-level targets on a fixed concept pool, once (two-stage's targets come from the student
     # it freezes mid-run, so they cannot be computed now)

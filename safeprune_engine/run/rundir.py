@@ -37,8 +37,9 @@ def check_resume_matches(config: RunConfig, resume_path: Path, resume_meta: dict
     if resume_meta.get("teacher_unet") != teacher_fingerprint:
         raise SafepruneError(f"--resume {resume_path}: the checkpoint was trained from another teacher "
                              "(architecture or weights differ)")
-    stored_identity = resume_meta.get("identity", {})
-    differences = [k for k, v in config.identity().items() if stored_identity.get(k) != v]
+    # a field added since the checkpoint was written had its default value then
+    stored_identity = {**RunConfig().identity(), **resume_meta.get("identity", {})}
+    differences = [k for k, v in config.identity().items() if stored_identity[k] != v]
     if differences:
         raise SafepruneError(f"--resume {resume_path}: checkpoint belongs to a run with other settings "
                              f"({', '.join(differences)})")
