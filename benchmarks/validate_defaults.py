@@ -39,7 +39,14 @@ def cell_name(world: str, ratio: float, seed: int) -> str:
 
 
 def settings_key(overrides: dict, steps: int | None) -> str:
-    return hashlib.sha256(json.dumps([overrides, steps], sort_keys=True).encode()).hexdigest()[:12]
+    """The cells' folder under --work: the trial's overrides and the shipped defaults they apply to (RunConfig's
+    and the built-in job's), so a rerun after a change of defaults trains afresh instead of reusing old cells."""
+    from safeprune_engine.config import RunConfig
+    from safeprune_engine.toy.default_run import TOY_TRAINING
+
+    defaults = {**RunConfig().identity(), **TOY_TRAINING}
+    return hashlib.sha256(json.dumps([overrides, steps, defaults], sort_keys=True, default=str).encode()
+                          ).hexdigest()[:12]
 
 
 def run_cell(world_name: str, ratio: float, seed: int, overrides: dict, steps: int | None, work: Path,
