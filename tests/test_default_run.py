@@ -41,7 +41,7 @@ def test_short_default_run_writes_every_report_section(tmp_path):
     tradeoff = json.loads((out / "metrics.json").read_text())["tradeoff"]
     # (and the extra bilevel student at another tolerance, for bilevel's frontier)
     assert [p["method"] for p in tradeoff["points"]] == ["two-stage", "bilevel", "bilevel", "two-stage"]
-    assert [p["strength"] for p in tradeoff["points"][1:3]] == ["tol 0.05", "tol 0.2"]
+    assert [p["strength"] for p in tradeoff["points"][1:3]] == ["tol 0.1", "tol 0.2"]
     assert "at step 7" in tradeoff["points"][3]["strength"]
     assert [r["label"] for r in tradeoff["references"]] == ["teacher", "distill-only"]
     assert html.count("<svg") == 3 and "tradeoff" in html

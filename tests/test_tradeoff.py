@@ -95,7 +95,7 @@ def write_run(path: Path, **settings) -> Path:
 
 
 @pytest.mark.parametrize("settings,expected", [
-    ({}, ("bilevel", "tol 0.05")),
+    ({}, ("bilevel", "tol 0.1")),  # the default tolerance
     ({"quality_tolerance": None}, ("bilevel", "lambda 1")),
     ({"quality_tolerance": 0.05, "bilevel_lambda": 3.0}, ("bilevel", "tol 0.05")),
     ({"method": "two-stage", "lr": 1e-4}, ("two-stage", "2 erase steps, lr_upper 0.0005")),
@@ -249,7 +249,7 @@ def test_eval_sweep_writes_every_point_to_json_and_html(world, runs, tmp_path, c
     data = json.loads(out.read_text())
     # the bilevel run's pipeline and its step-2 snapshot (step 4 is the pipeline), the two-stage run's pipeline
     assert [(p["label"], p["method"], p["strength"]) for p in data["points"]] == [
-        (bilevel, "bilevel", "tol 0.05"), (bilevel + "@2", "bilevel", "tol 0.05 at step 2"),
+        (bilevel, "bilevel", "tol 0.1"), (bilevel + "@2", "bilevel", "tol 0.1 at step 2"),
         (two_stage, "two-stage", "1 erase steps, lr_upper 0.005")]
     assert data["points"][1]["unet"].endswith("step-00000002") and data["points"][0]["unet"] is None
     assert [(r["label"], r["method"]) for r in data["references"]] == [("teacher", "reference")]
