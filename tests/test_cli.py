@@ -78,8 +78,8 @@ def test_resume_continues_bit_for_bit(world, tmp_path, monkeypatch, method, cons
     """An interrupted run resumed from its checkpoint ends on the same weights; the constraint form's value model,
     its optimizer and the multiplier are part of the checkpoint."""
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    # two-stage: checkpoint inside erase phase. Fixed kernels: --kernels auto times backends per op shape, and a
-    # process that already decided some shapes (earlier tests) may run others than a fresh one, within dtype tolerance
+    # two-stage: checkpoint inside erase phase. --kernels off: with auto and caption dropout the resumed run ends a
+    # few bits away from the straight one (README, "Known gap"; cause not found yet)
     extra = ["--checkpoint-every", "3", "--two-stage-erase-steps", "4", "--kernels", "off", *constraint]
     assert main(run_args(world, straight, *extra, steps=6, method=method)) == 0
 
