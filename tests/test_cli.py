@@ -105,6 +105,32 @@ def test_resume_continues_bit_for_bit(world, tmp_path, monkeypatch, method, cons
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+
+@pytest.mark.xfail(strict=False, reason="known gap (README): with --kernels auto and caption dropout, a run resumed in "
+                   "the process that was interrupted can end a few bits away from a straight run; cause not found")
+def test_resume_continues_bit_for_bit_with_kernels_auto(world, tmp_path, monkeypatch):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    extra = ["--checkpoint-every", "3", "--two-stage-erase-steps", "4", "--kernels", "auto"]
+    assert main(run_args(world, tmp_path / "warm", *extra, steps=2, method="two-stage")) == 0
+    assert main(run_args(world, straight, *extra, steps=6, method="two-stage")) == 0
+    from safeprune_engine.bilevel import solvers
+
+    cls = solvers.SOLVERS.get("two-stage")
+    original = cls.step
+
+    def crash_at_4(self, iteration):
+        if iteration == 4:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, iteration)
+
+    monkeypatch.setattr(cls, "step", crash_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        main(run_args(world, interrupted, *extra, steps=6, method="two-stage"))
+    monkeypatch.undo()
+    assert main(run_args(world, interrupted, *extra, "--resume", "latest", steps=6, method="two-stage")) == 0
+    a, b = final_weights(straight, 6), final_weights(interrupted, 6)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
 # ---- bad input: one clear error, nothing written ------------------------------------------------------------
 def fails_cleanly(args, capsys, expected: str, out: Path, also: str | None = None):
     existed = out.exists()
