@@ -139,7 +139,8 @@ class TrainingEngine:
         self.caption_dropout = float(getattr(config, "caption_dropout", 0.0))
         if self.caption_dropout > 0 and empty_text_emb is None:
             raise ValueError("caption_dropout > 0 needs the empty caption's embedding (empty_text_emb)")
-        self.empty_text_emb = None if empty_text_emb is None else empty_text_emb.to(self.device)
+        self.empty_text_emb = (None if empty_text_emb is None
+                               else empty_text_emb.to(self.device, data_cache.text_emb.dtype))
         self.student_taps = BlockTaps(student, None if feature_pairs is None else [s for s, _ in feature_pairs])
         self.teacher_taps = BlockTaps(teacher, None if feature_pairs is None else [t for _, t in feature_pairs])
         mp = config.mixed_precision
@@ -187,8 +188,7 @@ class TrainingEngine:
         if self.caption_dropout <= 0:
             return text_emb
         dropped = torch.rand(text_emb.shape[0], generator=generator, device=self.device) < self.caption_dropout
-        empty = self.empty_text_emb.to(text_emb.dtype).expand_as(text_emb)
-        return torch.where(dropped[:, None, None], empty, text_emb)
+        return torch.where(dropped[:, None, None], self.empty_text_emb, text_emb)
 
     def probe_batches(self, rows: int, seed: int) -> list[DataBatch]:
         """A fixed set of `rows` noised data rows, in batches of at most batch_size, for measuring L_ft the same way
