@@ -345,7 +345,8 @@ def unet_timing_key(unet: nn.Module, inputs: tuple, kwargs: dict, backward: bool
 
     from .ops.autotune import describe
 
-    config = dict(getattr(unet, "config", {}) or {})
+    # bookkeeping keys (_name_or_path: where the weights came from, e.g. a checkpoint on resume) cost nothing
+    config = {k: v for k, v in dict(getattr(unet, "config", {}) or {}).items() if not k.startswith("_")}
     params = [(name, describe(p.detach())) for name, p in unet.named_parameters()]
     payload = json.dumps({"class": type(unet).__name__, "config": config, "params": params,
                           "inputs": describe(tuple(inputs)), "kwargs": {k: describe(v) for k, v in kwargs.items()},

@@ -110,11 +110,11 @@ def test_resume_continues_bit_for_bit(world, tmp_path, monkeypatch, method, cons
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.xfail(strict=False, reason="known gap (README): with --kernels auto and caption dropout, a run resumed in "
-                   "the process that was interrupted can end a few bits away from a straight run; cause not found")
 def test_resume_continues_bit_for_bit_with_kernels_auto(world, tmp_path, monkeypatch):
+    """The resumed student, loaded from the checkpoint, takes the kernel decision the straight run took (it is keyed
+    by the architecture, not by where the weights came from), so a noisy re-timing cannot pick other kernels."""
     extra = ["--checkpoint-every", "3", "--two-stage-erase-steps", "4", "--kernels", "auto"]
-    assert main(run_args(world, tmp_path / "warm", *extra, steps=2, method="two-stage")) == 0  # decisions cached
+    assert main(run_args(world, tmp_path / "warm", *extra, steps=5, method="two-stage")) == 0  # decisions cached
     a, b = straight_and_resumed(world, tmp_path, monkeypatch, "two-stage", extra)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
