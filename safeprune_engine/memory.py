@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .errors import SafepruneError
+from .models.conditioning import unet_kwargs
 
 log = logging.getLogger("safeprune_engine")
 
@@ -266,10 +267,11 @@ def quantize_teacher_int8(unet: nn.Module, latent_size: int, text_shape: tuple[i
     text = torch.randn(batch, *text_shape, generator=generator)
     inputs = (latents.to(param.device, param.dtype), timesteps.to(param.device))
     text = text.to(param.device, param.dtype)
-    reference = unet(*inputs, encoder_hidden_states=text).sample.float()
+    condition = unet_kwargs(unet, text)
+    reference = unet(*inputs, **condition).sample.float()
     bytes_before = parameter_bytes(unet)
     layers = swap_linear_to_int8(unet)
-    quantized = unet(*inputs, encoder_hidden_states=text).sample.float()
+    quantized = unet(*inputs, **condition).sample.float()
     diff = quantized - reference
     report = {
         "layers": layers,

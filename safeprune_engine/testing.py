@@ -91,6 +91,61 @@ def save_tiny_pipeline(path: str | os.PathLike, **kwargs) -> Path:
     return path
 
 
+def tiny_sdxl_unet_config(sample_size: int = 8, text_width: int = 32, pooled: int = 32) -> dict:
+    """Config of a tiny SDXL-shaped UNet: a plain first stage, a cross-attention stage of two transformer layers,
+    cross-attention over both encoders' states side by side (2 x text_width) and SDXL's added conditioning
+    ("text_time": the pooled embedding and 6 time ids, each id embedded to 8 channels)."""
+    return dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2),
+        norm_num_groups=8,
+        cross_attention_dim=2 * text_width,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=pooled + 6 * 8,
+    )
+
+
+def tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon", unet_overrides: dict | None = None):
+    """A StableDiffusionXLPipeline with random tiny components (two text encoders, the second with a projection
+    to the pooled embedding; SDXL's Euler scheduler): 16 px images <-> 8 px latents."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = tiny_tokenizer(), tiny_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(**clip_text_config(tokenizer, hidden_size=32)))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_text_config(tokenizer_2, hidden_size=32),
+                                                                projection_dim=32))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32), layers_per_block=1,
+        norm_num_groups=8, latent_channels=4, sample_size=16, scaling_factor=0.13025, force_upcast=True,
+    )
+    unet = UNet2DConditionModel(**{**tiny_sdxl_unet_config(), **(unet_overrides or {})})
+    # SDXL base's scheduler settings
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                       beta_end=0.012, steps_offset=1, timestep_spacing="leading",
+                                       prediction_type=prediction_type)
+    from .models.export import assemble_pipeline
+
+    return assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler, text_encoder_2, tokenizer_2)
+
+
+def save_tiny_sdxl_pipeline(path: str | os.PathLike, **kwargs) -> Path:
+    path = Path(path)
+    tiny_sdxl_pipeline(**kwargs).save_pretrained(path, safe_serialization=True)
+    return path
+
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
 
 

@@ -119,7 +119,7 @@ def test_bundle_from_pipeline_refusals():
         unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
         scheduler=pipe.scheduler, text_encoder_2=pipe.text_encoder,
     )
-    with pytest.raises(SafepruneError, match="SDXL"):
+    with pytest.raises(SafepruneError, match="missing required components: tokenizer_2"):
         bundle_from_pipeline(fake_xl)
     fake_missing = types.SimpleNamespace(unet=pipe.unet, vae=None, text_encoder=pipe.text_encoder,
                                          tokenizer=None, scheduler=pipe.scheduler)
@@ -206,14 +206,31 @@ def test_missing_weights_and_unlisted_component(copy_of, no_weight_loading):
 
 
 @pytest.mark.parametrize("variant", ["pipeline_class", "text_encoder_2", "addition_embed_type"])
-def test_sdxl_refused(copy_of, no_weight_loading, variant):
+def test_sdxl_folder_without_its_second_encoder_is_named(copy_of, no_weight_loading, variant):
+    """A folder that looks like SDXL (by its class, its index or its UNet) must have SDXL's second encoder."""
     if variant == "pipeline_class":
         _edit_json(copy_of / "model_index.json", _class_name="StableDiffusionXLPipeline")
     elif variant == "text_encoder_2":
         _edit_json(copy_of / "model_index.json", text_encoder_2=["transformers", "CLIPTextModelWithProjection"])
     else:
         _edit_json(copy_of / "unet" / "config.json", addition_embed_type="text_time")
-    with pytest.raises(SafepruneError, match="SDXL pipelines .* are not supported yet"):
+    with pytest.raises(SafepruneError, match="missing required components: text_encoder_2 .*tokenizer_2 .*A Stable "
+                                             "Diffusion XL pipeline folder needs"):
+        load_teacher(copy_of)
+
+
+def test_sdxl_refiner_and_other_xl_pipelines_refused(copy_of, no_weight_loading):
+    _edit_json(copy_of / "model_index.json", _class_name="StableDiffusionXLImg2ImgPipeline", text_encoder=[None, None],
+               tokenizer=[None, None], requires_aesthetics_score=True)
+    with pytest.raises(SafepruneError, match="the SDXL refiner \\(it has no text_encoder and no tokenizer\\) is not "
+                                             "supported: among SDXL pipelines only the base model"):
+        load_teacher(copy_of)
+    _edit_json(copy_of / "model_index.json", _class_name="StableDiffusionXLPipeline")
+    with pytest.raises(SafepruneError, match="SDXL refiner UNet"):
+        load_teacher(copy_of)
+    _edit_json(copy_of / "model_index.json", requires_aesthetics_score=False)
+    _edit_json(copy_of / "unet" / "config.json", addition_embed_type="image")
+    with pytest.raises(SafepruneError, match="addition_embed_type 'image' is not supported"):
         load_teacher(copy_of)
 
 

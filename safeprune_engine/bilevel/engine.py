@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distill.features import BlockTaps
+from ..models.conditioning import ConditionLayout
 from ..distill.losses import (FeatureProjections, diffusion_loss, distillation_losses, feature_kd_loss,
                               output_kd_loss)
 from ..unlearn.base import ConceptBatch, UnlearnObjective
@@ -127,6 +128,9 @@ class TrainingEngine:
         empty caption, which --caption-dropout puts in place of a row's caption."""
         self.device = torch.device(device)
         self.student, self.teacher = student, teacher
+        # one condition tensor per row; SDXL's added conditioning is split off at each UNet call (the student keeps
+        # the teacher's text and added-embedding layers, so one layout serves both)
+        self.condition = ConditionLayout.of(student)
         self.scheduler, self.prediction_type = noise_scheduler, prediction_type
         self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(self.device)
         self.data, self.concepts, self.objective = data_cache, concept_source, objective
@@ -188,7 +192,7 @@ class TrainingEngine:
         if self.caption_dropout <= 0:
             return text_emb
         dropped = torch.rand(text_emb.shape[0], generator=generator, device=self.device) < self.caption_dropout
-        return torch.where(dropped[:, None, None], self.empty_text_emb, text_emb)
+        return self.condition.drop_text(text_emb, self.empty_text_emb, dropped)
 
     def probe_batches(self, rows: int, seed: int) -> list[DataBatch]:
         """A fixed set of `rows` noised data rows, in batches of at most batch_size, for measuring L_ft the same way
@@ -251,7 +255,7 @@ class TrainingEngine:
         capture = self.teacher_taps.capture(rows=rows, detach=True, copy=True) if keep_features else nullcontext([])
         with capture as feature_maps, self.autocast():
             prediction = model(
-                torch.cat(latents).to(dtype), torch.cat(timesteps), encoder_hidden_states=torch.cat(conditions).to(dtype)
+                torch.cat(latents).to(dtype), torch.cat(timesteps), **self.condition.kwargs(torch.cat(conditions).to(dtype))
             ).sample
         outputs.data_features = list(feature_maps) if keep_features else []
         chunks = prediction.split([s for _, s in sizes])
@@ -300,7 +304,7 @@ class TrainingEngine:
         capture = taps.capture() if self.needs_features else nullcontext([])
         student = model.module if model is not None else self.student if runner is None else runner
         with capture as student_maps, self.autocast():
-            prediction = student(data.latents, data.timesteps, encoder_hidden_states=data.text_emb).sample
+            prediction = student(data.latents, data.timesteps, **self.condition.kwargs(data.text_emb)).sample
         projections = self.projections if model is None else model.projections
         return self.lower_loss_from(prediction, list(student_maps), data, teacher, projections)
 
@@ -395,7 +399,7 @@ class TrainingEngine:
         with capture as student_maps, self.autocast():
             prediction = student(torch.cat([data.latents, latents.to(data.latents.dtype)]),
                                  torch.cat([data.timesteps, timesteps]),
-                                 encoder_hidden_states=torch.cat([data.text_emb, condition.to(data.text_emb.dtype)])
+                                 **self.condition.kwargs(torch.cat([data.text_emb, condition.to(data.text_emb.dtype)]))
                                  ).sample
         lower = self.lower_loss_from(prediction[:rows], list(student_maps), data, teacher)
         return lower, self.upper_loss_from(prediction[rows:], concept, teacher)
@@ -406,11 +410,11 @@ class TrainingEngine:
         of those parameters (same forward values: w = where(mask, w, sg(w))). runner: as in lower_loss."""
         student = self.student if runner is None else runner
         if not masks:
-            return student(latents, timesteps, encoder_hidden_states=condition).sample
+            return student(latents, timesteps, **self.condition.kwargs(condition)).sample
         params = dict(student.named_parameters())
         restricted = {name: torch.where(mask, params[name], params[name].detach()) for name, mask in masks.items()}
         return torch.func.functional_call(student, restricted, (latents, timesteps),
-                                          {"encoder_hidden_states": condition}).sample
+                                          self.condition.kwargs(condition)).sample
 
     # ---- parameter sets ----------------------------------------------------------------------------
     def lower_parameters(self) -> list[nn.Parameter]:

@@ -13,7 +13,9 @@ Cache layout (cache_dir/):
                               dtype, captions)
 
 The fingerprint hashes the image folder (metadata + file sizes/mtimes), the resolution, the VAE, the text encoder,
-the tokenizer and the format version; any change rebuilds. The same function caches the concept ("erase") images:
+the tokenizer and the format version (for SDXL also the second encoder and tokenizer and the condition layout);
+any change rebuilds. SDXL text rows are packed conditions (models.conditioning) whose time ids hold each image's
+original size and crop corner; a VAE whose config asks for force_upcast (SDXL's overflows in fp16) encodes in fp32. The same function caches the concept ("erase") images:
 give it their ImageFolder and another cache_dir.
 """
 from __future__ import annotations
@@ -39,17 +41,30 @@ _SHARD = "shard-{:05d}.safetensors"
 _TMP_SUFFIX = ".tmp"
 
 
-def encode_prompts(bundle, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-    """Text-encoder hidden states for `prompts`: (N, L, D) in the text encoder's dtype and on its device.
+def _token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    # padding="max_length" and truncation at the tokenizer's length, as Stable Diffusion's pipelines do
+    return tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids.to(device)
 
-    Tokenized with padding="max_length" and truncation at L = tokenizer.model_max_length, as Stable Diffusion does;
-    returns text_encoder(ids)[0]. The result is an ordinary tensor (not an inference tensor), so it can feed a
-    module that is being trained.
+
+def encode_prompts(bundle, prompts: Sequence[str], batch_size: int = 32, resolution: int | None = None,
+                   time_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The UNet condition of each prompt, in the text encoder's dtype and on its device.
+
+    SD 1.x/2.x: the text encoder's hidden states text_encoder(ids)[0], (N, L, D).
+    SDXL: both encoders' penultimate hidden states side by side and the second encoder's pooled embedding, with
+    time ids, packed into one (N, L + k, D) tensor (models.conditioning); the empty prompt is all zeros when the
+    pipeline sets force_zeros_for_empty_prompt, as its classifier-free guidance reads it. time_ids: (N, 6) per
+    prompt, default (resolution, resolution, 0, 0, resolution, resolution) with resolution defaulting to the
+    UNet's native size. Ignored for SD 1.x/2.x.
+    The result is an ordinary tensor (not an inference tensor), so it can feed a module that is being trained.
     """
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise SafepruneError("prompts must be a list of strings (wrap a single prompt in a list)")
     if batch_size <= 0:
         raise SafepruneError(f"batch_size must be positive, got {batch_size}")
+    if getattr(bundle, "is_sdxl", False):
+        return _encode_sdxl(bundle, list(prompts), batch_size, resolution, time_ids)
     tokenizer, text_encoder = bundle.tokenizer, bundle.text_encoder
     param = next(text_encoder.parameters())
     length = tokenizer.model_max_length
@@ -58,17 +73,45 @@ def encode_prompts(bundle, prompts: Sequence[str], batch_size: int = 32) -> torc
     chunks = []
     with torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
-            ids = tokenizer(
-                list(prompts[start : start + batch_size]),
-                padding="max_length",
-                truncation=True,
-                max_length=length,
-                return_tensors="pt",
-            ).input_ids.to(param.device)
+            ids = _token_ids(tokenizer, list(prompts[start : start + batch_size]), param.device)
             chunks.append(text_encoder(ids)[0])
         embeddings = torch.cat(chunks)
     # clone outside inference mode: inference tensors cannot be saved for backward (e.g. by a trained to_k)
     return embeddings.clone()
+
+
+def _encode_sdxl(bundle, prompts: list[str], batch_size: int, resolution: int | None,
+                 time_ids: torch.Tensor | None) -> torch.Tensor:
+    from ..models.conditioning import ConditionLayout, TIME_IDS
+    from ..models.conditioning import time_ids as default_time_ids
+
+    layout = ConditionLayout.of(bundle.unet)
+    param = next(bundle.text_encoder.parameters())
+    length = bundle.tokenizer.model_max_length
+    if time_ids is None:
+        time_ids = default_time_ids(resolution or bundle.native_resolution(), len(prompts))
+    if tuple(time_ids.shape) != (len(prompts), TIME_IDS):
+        raise SafepruneError(f"time_ids {tuple(time_ids.shape)}: expected ({len(prompts)}, {TIME_IDS})")
+    if not prompts:
+        return torch.empty(0, length + layout.extra_rows, layout.width, dtype=param.dtype, device=param.device)
+    hidden, pooled = [], []
+    with torch.inference_mode():
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            # penultimate layers of both encoders side by side, the second encoder's projected pooled output: the
+            # SDXL pipeline's encode_prompt without clip_skip
+            first = bundle.text_encoder(_token_ids(bundle.tokenizer, chunk, param.device), output_hidden_states=True)
+            second = bundle.text_encoder_2(_token_ids(bundle.tokenizer_2, chunk, param.device),
+                                           output_hidden_states=True)
+            hidden.append(torch.cat([first.hidden_states[-2], second.hidden_states[-2].to(param.dtype)], dim=-1))
+            pooled.append(second.text_embeds.to(param.dtype))
+        hidden, pooled = torch.cat(hidden), torch.cat(pooled)
+        if bundle.force_zeros_for_empty_prompt:
+            empty = torch.tensor([not p.strip() for p in prompts], device=hidden.device)
+            hidden = hidden.masked_fill(empty[:, None, None], 0.0)
+            pooled = pooled.masked_fill(empty[:, None], 0.0)
+        condition = layout.pack(hidden, pooled, time_ids.to(hidden.device))
+    return condition.clone()
 
 
 def _fingerprint(components: dict) -> str:
@@ -286,6 +329,9 @@ def build_latent_cache(
         "tokenizer": bundle.fingerprint("tokenizer"),
         "format": CACHE_FORMAT_VERSION,
     }
+    if getattr(bundle, "is_sdxl", False):  # SD caches keep their fingerprints
+        components.update(text_encoder_2=bundle.fingerprint("text_encoder_2"),
+                          tokenizer_2=bundle.fingerprint("tokenizer_2"), unet_condition=_condition_key(bundle))
     fingerprint = _fingerprint(components)
     manifest = _read_manifest(cache_dir) if cache_dir.is_dir() else None
     if manifest is not None and manifest.get("fingerprint") == fingerprint:
@@ -304,6 +350,28 @@ def build_latent_cache(
     return LatentCache.load(cache_dir, expected_fingerprint=fingerprint)
 
 
+def _condition_key(bundle) -> str:
+    """The packed condition's layout (models.conditioning), which the cached text rows follow."""
+    from ..models.conditioning import ConditionLayout
+
+    layout = ConditionLayout.of(bundle.unet)
+    return f"{layout.width}x{layout.pooled}"
+
+
+def _encode_dtype(vae) -> torch.dtype:
+    """The dtype the VAE encodes in: fp32 when its config asks for an upcast (the SDXL VAE overflows in fp16)."""
+    param = next(vae.parameters())
+    if param.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        return torch.float32
+    return param.dtype
+
+
+def _row_time_ids(folder, indices, resolution: int) -> torch.Tensor:
+    """SDXL time ids of data rows: each image's original size and centre-crop corner, the training size."""
+    rows = [(*folder.size_and_crop(i, resolution), resolution, resolution) for i in indices]
+    return torch.tensor(rows, dtype=torch.float32)
+
+
 def _encode_to_disk(bundle, folder, resolution, cache_dir, batch_size, shard_size, progress, components, fingerprint):
     from safetensors.torch import save
     from tqdm.auto import tqdm
@@ -317,11 +385,17 @@ def _encode_to_disk(bundle, folder, resolution, cache_dir, batch_size, shard_siz
 
     vae = bundle.vae
     param = next(vae.parameters())
+    encode_dtype = _encode_dtype(vae)
+    sdxl = getattr(bundle, "is_sdxl", False)
     n = len(folder)
     shards = []
     latent_shape = text_shape = None
     bar = tqdm(total=n, desc=f"encoding {folder.root.name}", unit="img", disable=not progress)
     # PIL decoding and resizing release the GIL, so a few threads keep the encoder fed
+    if encode_dtype != param.dtype:  # an fp32 copy (the SDXL VAE is small), so the teacher's own stays as it is
+        import copy
+
+        vae = copy.deepcopy(vae).to(encode_dtype)
     with bar, ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for shard_index, shard_start in enumerate(range(0, n, shard_size)):
             shard_end = min(n, shard_start + shard_size)
@@ -330,10 +404,12 @@ def _encode_to_disk(bundle, folder, resolution, cache_dir, batch_size, shard_siz
                 indices = range(start, min(shard_end, start + batch_size))
                 images = torch.stack(list(pool.map(lambda i: folder.load_image(i, resolution), indices)))
                 with torch.inference_mode():
-                    posterior = vae.encode(images.to(device=param.device, dtype=param.dtype)).latent_dist
-                    means.append(posterior.mean.cpu())
-                    stds.append(posterior.std.cpu())
-                texts.append(encode_prompts(bundle, [folder.captions[i] for i in indices], batch_size).cpu())
+                    posterior = vae.encode(images.to(device=param.device, dtype=encode_dtype)).latent_dist
+                    means.append(posterior.mean.to(param.dtype).cpu())
+                    stds.append(posterior.std.to(param.dtype).cpu())
+                row_ids = _row_time_ids(folder, indices, resolution) if sdxl else None
+                texts.append(encode_prompts(bundle, [folder.captions[i] for i in indices], batch_size,
+                                            resolution=resolution, time_ids=row_ids).cpu())
                 bar.update(len(indices))
             tensors = {
                 "latent_mean": torch.cat(means).contiguous(),

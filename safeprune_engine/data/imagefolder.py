@@ -111,15 +111,26 @@ class ImageFolder:
                 img = img.convert("RGB")
         except Exception as e:  # PIL raises several types for unreadable files
             raise SafepruneError(f"cannot read image {path} ({type(e).__name__}: {e}); replace or remove it") from None
-        w, h = img.size
-        scale = resolution / min(w, h)
-        new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-        if (new_w, new_h) != (w, h):
+        (new_w, new_h), (top, left) = resized_and_crop(img.size, resolution)
+        if (new_w, new_h) != img.size:
             img = img.resize((new_w, new_h), Image.BILINEAR)
-        left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
         img = img.crop((left, top, left + resolution, top + resolution))
         pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
         return pixels.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+    def size_and_crop(self, i: int, resolution: int) -> tuple[int, int, int, int]:
+        """(original height, original width, crop top, crop left) of image i as `load_image` crops it: SDXL's
+        size and crop conditioning (crop coordinates in the resized image, as SDXL was trained)."""
+        from PIL import Image
+
+        path = self.image_path(i)
+        try:
+            with Image.open(path) as img:  # reads the header only
+                width, height = img.size
+        except Exception as e:  # PIL raises several types for unreadable files
+            raise SafepruneError(f"cannot read image {path} ({type(e).__name__}: {e}); replace or remove it") from None
+        _, (top, left) = resized_and_crop((width, height), resolution)
+        return height, width, top, left
 
     def fingerprint(self) -> str:
         """A 16-hex-digit hash of metadata.jsonl's bytes and every image's size and mtime_ns (contents unread)."""
@@ -129,3 +140,11 @@ class ImageFolder:
             st = (self.root / name).stat()
             hasher.update(f"\0{name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
         return hasher.hexdigest()[:16]
+
+
+def resized_and_crop(size: tuple[int, int], resolution: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((width, height) after resizing the shorter side to `resolution`, (top, left) of the centre crop)."""
+    w, h = size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    return (new_w, new_h), ((new_h - resolution) // 2, (new_w - resolution) // 2)

@@ -1,4 +1,5 @@
-"""Export a trained student as a complete StableDiffusionPipeline directory, and load it back.
+"""Export a trained student as a complete StableDiffusionPipeline (or, from an SDXL teacher,
+StableDiffusionXLPipeline) directory, and load it back.
 
 A width-pruned student is a PrunedUNet2DConditionModel, which diffusers does not know. Two ways to load it:
 
@@ -37,13 +38,38 @@ REMOTE_CODE_MODULE = "safeprune_pruned_unet"
 PRUNED_CLASS = "PrunedUNet2DConditionModel"
 
 
-def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
-    """A StableDiffusionPipeline from its five components, with no safety checker or feature extractor."""
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler, text_encoder_2=None, tokenizer_2=None,
+                      force_zeros_for_empty_prompt: bool = True):
+    """A StableDiffusionPipeline from its five components, with no safety checker or feature extractor; with
+    `text_encoder_2` and `tokenizer_2`, a StableDiffusionXLPipeline (no image encoder)."""
+    if text_encoder_2 is not None:
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+def pipeline_class(path: str | os.PathLike):
+    """The diffusers pipeline class a saved pipeline directory names (StableDiffusionXLPipeline or
+    StableDiffusionPipeline)."""
+    index_path = Path(path) / "model_index.json"
+    name = json.loads(index_path.read_text()).get("_class_name") if index_path.is_file() else None
+    if name == SDXL_PIPELINE:
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline
 
 
 def export_pipeline(teacher, student, out_dir: str | os.PathLike, dtype: torch.dtype | None = None, *,
@@ -61,7 +87,9 @@ def export_pipeline(teacher, student, out_dir: str | os.PathLike, dtype: torch.d
     unet = copy.deepcopy(student).cpu()
     if dtype is not None:
         unet = unet.to(dtype)
-    pipe = assemble_pipeline(teacher.vae, teacher.text_encoder, teacher.tokenizer, unet, teacher.scheduler)
+    pipe = assemble_pipeline(teacher.vae, teacher.text_encoder, teacher.tokenizer, unet, teacher.scheduler,
+                             getattr(teacher, "text_encoder_2", None), getattr(teacher, "tokenizer_2", None),
+                             getattr(teacher, "force_zeros_for_empty_prompt", True))
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     if remote_code and isinstance(unet, PrunedUNet2DConditionModel):
@@ -128,20 +156,20 @@ def resolve_pipeline_dir(path: str | os.PathLike, flag: str = "--model") -> Path
 
 def load_pipeline(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, *,
                   unet_dir: str | os.PathLike | None = None):
-    """Load an exported (or any local) StableDiffusionPipeline directory without touching the network.
+    """Load an exported (or any local) StableDiffusionPipeline or StableDiffusionXLPipeline directory without
+    touching the network.
 
     A pipeline exported with ``remote_code=True`` is loaded with the installed package's
     PrunedUNet2DConditionModel, not the copy it ships (no code from the directory runs).
     unet_dir: a saved UNet folder (config.json + weights, e.g. a run's OUT/snapshots/step-N) that replaces the
     pipeline's own UNet: the pipeline's VAE, text encoder, tokenizer and scheduler with those weights.
     """
-    from diffusers import StableDiffusionPipeline
-
+    cls = pipeline_class(path)
     kwargs = {"local_files_only": True}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
     if unet_dir is None and not ships_unet_code(path):
-        return StableDiffusionPipeline.from_pretrained(str(path), **kwargs).to(device)
+        return cls.from_pretrained(str(path), **kwargs).to(device)
 
     from .pruned_unet import load_student_unet
 
@@ -150,10 +178,13 @@ def load_pipeline(path: str | os.PathLike, device: str | torch.device = "cpu", d
     # a shipped module would be resolved (and refused without trust_remote_code) even for a passed-in unet, and a
     # replaced unet need not load at all: load the rest without a unet, then build the pipeline around the
     # package's own class
-    rest = StableDiffusionPipeline.from_pretrained(str(path), unet=None, **kwargs)
+    rest = cls.from_pretrained(str(path), unet=None, **kwargs)
     unet = load_student_unet(Path(unet_dir) if unet_dir is not None else Path(path) / "unet")
     if dtype is not None:
         unet = unet.to(dtype)
-    pipe = StableDiffusionPipeline(**{**rest.components, "unet": unet},
-                                   requires_safety_checker=rest.config.requires_safety_checker)
+    if cls.__name__ == SDXL_PIPELINE:
+        options = {"force_zeros_for_empty_prompt": rest.config.force_zeros_for_empty_prompt}
+    else:
+        options = {"requires_safety_checker": rest.config.requires_safety_checker}
+    pipe = cls(**{**rest.components, "unet": unet}, **options)
     return pipe.to(device)

@@ -1,4 +1,4 @@
-"""The frozen teacher: a Stable Diffusion 1.x / 2.x pipeline split into the parts training needs.
+"""The frozen teacher: a Stable Diffusion 1.x / 2.x or SDXL (base) pipeline split into the parts training needs.
 
 `load_teacher` checks a pipeline folder (or hub id) before touching any weights, so a wrong path, a missing
 component or an unsupported model family fails in a second with a message instead of after a multi-GB load.
@@ -19,8 +19,10 @@ import torch
 from ..errors import SafepruneError
 
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # SDXL's second text encoder (with projection) and tokenizer
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
-_MODULE_COMPONENTS = ("unet", "vae", "text_encoder")
+_MODULE_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # "owner/name" with hub-legal characters; anything else that does not exist is reported as a missing path
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -51,15 +53,19 @@ def _param_snapshot(module: torch.nn.Module) -> tuple:
 
 @dataclass
 class TeacherBundle:
-    """A frozen Stable Diffusion teacher.
+    """A frozen Stable Diffusion (1.x / 2.x / SDXL base) teacher.
 
-    unet: UNet2DConditionModel, (B,4,h,w) latents + (B,) timesteps + (B,L,D) text embeddings -> (B,4,h,w).
+    unet: UNet2DConditionModel, (B,4,h,w) latents + (B,) timesteps + a condition -> (B,4,h,w); the condition is
+        one tensor per row (models.conditioning: SDXL's pooled embedding and time ids packed after the tokens).
     vae: AutoencoderKL, (B,3,H,W) images in [-1,1] <-> (B,4,H/8,W/8) latents (unscaled).
     text_encoder: CLIPTextModel, (B,L) token ids -> (B,L,D) hidden states (output [0]).
     tokenizer: CLIP tokenizer, L = tokenizer.model_max_length.
     scheduler: the pipeline's own scheduler (for sampling); see `noise_scheduler()` for training.
     prediction_type: "epsilon" or "v_prediction" (what the UNet predicts).
     source: the folder or hub id it came from ("<in-memory pipeline>" for `bundle_from_pipeline`).
+    text_encoder_2, tokenizer_2: SDXL's second encoder (CLIPTextModelWithProjection) and tokenizer; None for SD.
+    force_zeros_for_empty_prompt: SDXL's pipeline setting: the empty prompt's condition is all zeros (its
+        classifier-free guidance reads zeros, so training on the empty prompt must too).
     """
 
     unet: Any
@@ -69,6 +75,9 @@ class TeacherBundle:
     scheduler: Any
     prediction_type: str
     source: str
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = False
     # component -> folder it was loaded from, and the parameter snapshot taken right after loading
     component_dirs: dict[str, Path] = field(default_factory=dict, repr=False)
     _snapshots: dict[str, tuple] = field(default_factory=dict, repr=False)
@@ -81,6 +90,23 @@ class TeacherBundle:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The component names this teacher has (SDXL adds text_encoder_2 and tokenizer_2)."""
+        return REQUIRED_COMPONENTS + (SDXL_COMPONENTS if self.is_sdxl else ())
+
+    @property
+    def text_encoders(self) -> list:
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
+
+    def native_resolution(self) -> int:
+        """The UNet's native image size in pixels (sample_size x the VAE's downsampling factor)."""
+        return int(self.unet.config.sample_size) * 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def noise_scheduler(self):
         """A fresh diffusers DDPMScheduler with this teacher's noise schedule, for add_noise / get_velocity.
@@ -102,12 +128,12 @@ class TeacherBundle:
         `param.data` bypass that tracking); otherwise the state dict's bytes are hashed. The result is cached
         per component while the weights stay unchanged. Same weights + same dtype -> same fingerprint.
         """
-        if component not in REQUIRED_COMPONENTS:
+        if component not in self.components:
             raise SafepruneError(
-                f"unknown teacher component {component!r}; choose one of {', '.join(REQUIRED_COMPONENTS)}"
+                f"unknown teacher component {component!r}; choose one of {', '.join(self.components)}"
             )
         obj = getattr(self, component)
-        if component == "tokenizer":
+        if component.startswith("tokenizer"):
             return _tokenizer_fingerprint(obj)
         if component == "scheduler":
             payload = _FINGERPRINT_VERSION + type(obj).__name__.encode() + _config_json(obj.config).encode()
@@ -179,10 +205,26 @@ def _check_prediction_type(scheduler_config: dict, where: str) -> str:
     return prediction_type
 
 
-_SDXL_HINT = (
-    "SDXL pipelines (two text encoders, added time/text embeddings) are not supported yet (tracked: README, "
-    "'Tracked limitations: SDXL'); use a Stable Diffusion 1.x or 2.x pipeline"
+_SDXL_ONLY_BASE = (
+    "among SDXL pipelines only the base model's StableDiffusionXLPipeline (two text encoders, pooled text embedding "
+    "and size/crop time ids) can be a teacher"
 )
+
+
+def _sdxl_refusal(pipeline_class: str, index: dict, unet_config: dict) -> str | None:
+    """Why an SDXL-family pipeline cannot be a teacher (None when it is a supported SDXL base pipeline)."""
+    if "XL" in pipeline_class and pipeline_class != SDXL_PIPELINE:
+        what = "the SDXL refiner" if "Img2Img" in pipeline_class or "Refiner" in pipeline_class else pipeline_class
+        missing = [name for name in ("text_encoder", "tokenizer") if _component_class(index, name) is None]
+        extra = f" (it has no {' and no '.join(missing)})" if missing else ""
+        return f"{what}{extra} is not supported: {_SDXL_ONLY_BASE}"
+    if index.get("requires_aesthetics_score") or unet_config.get("projection_class_embeddings_input_dim") == 2560:
+        return f"an SDXL refiner UNet (time ids with an aesthetic score, one text encoder) is not supported: " \
+               f"{_SDXL_ONLY_BASE}"
+    if unet_config.get("addition_embed_type") not in (None, "text_time"):
+        return (f"UNet addition_embed_type {unet_config.get('addition_embed_type')!r} is not supported "
+                "(SDXL's is 'text_time')")
+    return None
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -221,16 +263,15 @@ def _validate_pipeline_dir(root: Path) -> tuple[dict, dict]:
     index = _read_json(index_path, "model_index.json")
     pipeline_class = str(index.get("_class_name", ""))
 
-    # SDXL before anything else: its folders look complete but the student/teacher code assumes one encoder
+    # the SDXL family first: refiner and other XL pipelines look complete but need what no teacher here has
     unet_config_path = root / "unet" / "config.json"
     unet_config = _read_json(unet_config_path, "unet config") if unet_config_path.is_file() else {}
-    if (
-        "XL" in pipeline_class
-        or _component_class(index, "text_encoder_2")
-        or (root / "text_encoder_2").is_dir()
-        or unet_config.get("addition_embed_type")
-    ):
-        raise SafepruneError(f"{root}: {_SDXL_HINT} (model_index.json says {pipeline_class or 'no class'})")
+    sdxl = bool("XL" in pipeline_class or _component_class(index, "text_encoder_2")
+                or (root / "text_encoder_2").is_dir() or unet_config.get("addition_embed_type"))
+    if sdxl:
+        refusal = _sdxl_refusal(pipeline_class, index, unet_config)
+        if refusal:
+            raise SafepruneError(f"{root}: {refusal} (model_index.json says {pipeline_class or 'no class'})")
     if _component_class(index, "transformer") and not _component_class(index, "unet"):
         raise SafepruneError(
             f"{root}: {pipeline_class or 'this pipeline'} uses a transformer denoiser, not a UNet; only "
@@ -245,6 +286,8 @@ def _validate_pipeline_dir(root: Path) -> tuple[dict, dict]:
         "scheduler": "scheduler_config.json",
         "tokenizer": None,
     }
+    if sdxl:
+        required_files.update({"text_encoder_2": "config.json", "tokenizer_2": None})
     missing = []
     for name, config_name in required_files.items():
         folder = root / name
@@ -261,12 +304,16 @@ def _validate_pipeline_dir(root: Path) -> tuple[dict, dict]:
         ):
             missing.append(f"{name} (no weight file in {name}/)")
     if missing:
+        needs = REQUIRED_COMPONENTS + (SDXL_COMPONENTS if sdxl else ())
         raise SafepruneError(
-            f"teacher pipeline {root} is missing required components: {', '.join(missing)}. A Stable Diffusion "
-            f"pipeline folder needs {', '.join(REQUIRED_COMPONENTS)}; re-save it with save_pretrained"
+            f"teacher pipeline {root} is missing required components: {', '.join(missing)}. A "
+            f"{'Stable Diffusion XL' if sdxl else 'Stable Diffusion'} pipeline folder needs {', '.join(needs)}; "
+            "re-save it with save_pretrained"
         )
 
     expected = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel"}
+    if sdxl:
+        expected["text_encoder_2"] = "CLIPTextModelWithProjection"
     for name, cls in expected.items():
         config = _read_json(root / name / "config.json", f"{name} config")
         # diffusers configs name their class in _class_name, transformers configs in architectures
@@ -275,7 +322,7 @@ def _validate_pipeline_dir(root: Path) -> tuple[dict, dict]:
             if found and found != cls:
                 raise SafepruneError(
                     f"{root}: the {name} class is {found}, but only {cls} is supported as {name} "
-                    "(Stable Diffusion 1.x / 2.x layout)"
+                    f"({'SDXL base' if sdxl else 'Stable Diffusion 1.x / 2.x'} layout)"
                 )
     scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
     _check_prediction_type(scheduler_config, str(root))
@@ -297,13 +344,14 @@ def _resolve_source(source: str | os.PathLike) -> tuple[Path, bool]:
         index_file = Path(hf_hub_download(text, "model_index.json", local_files_only=offline))
         _check_index_only(index_file, text)
         patterns = ["model_index.json"]
-        for name in REQUIRED_COMPONENTS:
+        for name in REQUIRED_COMPONENTS + SDXL_COMPONENTS:
             patterns += [f"{name}/*.json", f"{name}/*.txt", f"{name}/*.model"]
         # non-variant safetensors only: SD repos also hold .bin, fp16 and EMA copies of every weight
         patterns += [
             "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model-*.safetensors",
             "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model-*.safetensors",
             "text_encoder/model.safetensors", "text_encoder/model-*.safetensors",
+            "text_encoder_2/model.safetensors", "text_encoder_2/model-*.safetensors",
         ]
         folder = snapshot_download(text, allow_patterns=patterns, local_files_only=offline)
     except SafepruneError:
@@ -325,7 +373,9 @@ def _check_index_only(index_file: Path, source: str) -> None:
     index = _read_json(index_file, "model_index.json")
     pipeline_class = str(index.get("_class_name", ""))
     if "XL" in pipeline_class or _component_class(index, "text_encoder_2"):
-        raise SafepruneError(f"{source}: {_SDXL_HINT} (model_index.json says {pipeline_class})")
+        refusal = _sdxl_refusal(pipeline_class, index, {})
+        if refusal:
+            raise SafepruneError(f"{source}: {refusal} (model_index.json says {pipeline_class})")
     unet_class = _component_class(index, "unet")
     if unet_class != "UNet2DConditionModel":
         raise SafepruneError(
@@ -337,10 +387,11 @@ def _check_index_only(index_file: Path, source: str) -> None:
 def load_teacher(
     source: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> TeacherBundle:
-    """Loads a Stable Diffusion 1.x / 2.x pipeline as a frozen TeacherBundle.
+    """Loads a Stable Diffusion 1.x / 2.x or SDXL base pipeline as a frozen TeacherBundle.
 
-    source: a local pipeline folder (model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/), or a hub
-    id "owner/name" (downloaded when online; only the hub cache is used when HF_HUB_OFFLINE=1).
+    source: a local pipeline folder (model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/, and for SDXL
+    text_encoder_2/ tokenizer_2/), or a hub id "owner/name" (downloaded when online; only the hub cache is used when
+    HF_HUB_OFFLINE=1).
     device, dtype: where and in which floating dtype the unet, vae and text encoder live.
     The folder is validated before any weight is read; every problem raises SafepruneError.
     """
@@ -358,6 +409,13 @@ def load_teacher(
     )
     tokenizer_cls = getattr(transformers, _component_class(index, "tokenizer") or "", None) or transformers.AutoTokenizer
     tokenizer = tokenizer_cls.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
+    text_encoder_2 = tokenizer_2 = None
+    if _component_class(index, "text_encoder_2"):
+        text_encoder_2 = transformers.CLIPTextModelWithProjection.from_pretrained(
+            root, subfolder="text_encoder_2", dtype=dtype, local_files_only=True)
+        tokenizer_2_cls = (getattr(transformers, _component_class(index, "tokenizer_2") or "", None)
+                           or transformers.AutoTokenizer)
+        tokenizer_2 = tokenizer_2_cls.from_pretrained(root, subfolder="tokenizer_2", local_files_only=True)
     scheduler_name = _component_class(index, "scheduler") or scheduler_config.get("_class_name", "")
     scheduler_cls = getattr(diffusers, scheduler_name, None)
     if scheduler_cls is None:
@@ -367,9 +425,10 @@ def load_teacher(
         )
     scheduler = scheduler_cls.from_pretrained(root, subfolder="scheduler", local_files_only=True)
 
-    for module in (unet, vae, text_encoder):
+    modules = [m for m in (unet, vae, text_encoder, text_encoder_2) if m is not None]
+    for module in modules:
         module.to(device)
-    _freeze(unet, vae, text_encoder)
+    _freeze(*modules)
     bundle = TeacherBundle(
         unet=unet,
         vae=vae,
@@ -378,22 +437,32 @@ def load_teacher(
         scheduler=scheduler,
         prediction_type=_check_prediction_type(dict(scheduler.config), str(root)),
         source=os.fspath(source),
-        component_dirs={name: root / name for name in _MODULE_COMPONENTS},
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", text_encoder_2 is not None)),
     )
+    present = [name for name in _MODULE_COMPONENTS if getattr(bundle, name) is not None]
+    bundle.component_dirs = {name: root / name for name in present}
     # taken after the move and freeze: neither touches weights, so later fingerprints can use the disk files
-    bundle._snapshots = {name: _param_snapshot(getattr(bundle, name)) for name in _MODULE_COMPONENTS}
+    bundle._snapshots = {name: _param_snapshot(getattr(bundle, name)) for name in present}
     return bundle
 
 
 def bundle_from_pipeline(pipe) -> TeacherBundle:
-    """Wraps an in-memory StableDiffusionPipeline (no copy: its modules are frozen and put in eval mode in place)."""
+    """Wraps an in-memory StableDiffusionPipeline or StableDiffusionXLPipeline (no copy: its modules are frozen and
+    put in eval mode in place)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    missing = [name for name in REQUIRED_COMPONENTS if getattr(pipe, name, None) is None]
+    unet_config = dict(getattr(getattr(pipe, "unet", None), "config", {}) or {})
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None or bool(unet_config.get("addition_embed_type"))
+    if sdxl:
+        refusal = _sdxl_refusal(type(pipe).__name__, dict(getattr(pipe, "config", {}) or {}), unet_config)
+        if refusal:
+            raise SafepruneError(f"{type(pipe).__name__}: {refusal}")
+    missing = [name for name in REQUIRED_COMPONENTS + (SDXL_COMPONENTS if sdxl else ())
+               if getattr(pipe, name, None) is None]
     if missing:
         raise SafepruneError(f"pipeline is missing required components: {', '.join(missing)}")
-    if getattr(pipe, "text_encoder_2", None) is not None or getattr(pipe.unet.config, "addition_embed_type", None):
-        raise SafepruneError(f"{type(pipe).__name__}: {_SDXL_HINT}")
     if not isinstance(pipe.unet, UNet2DConditionModel):
         raise SafepruneError(
             f"the pipeline's unet class is {type(pipe.unet).__name__}; only UNet2DConditionModel teachers are supported"
@@ -401,7 +470,8 @@ def bundle_from_pipeline(pipe) -> TeacherBundle:
     if not isinstance(pipe.vae, AutoencoderKL):
         raise SafepruneError(f"the pipeline's vae class is {type(pipe.vae).__name__}; only AutoencoderKL is supported")
     prediction_type = _check_prediction_type(dict(pipe.scheduler.config), type(pipe).__name__)
-    _freeze(pipe.unet, pipe.vae, pipe.text_encoder)
+    _freeze(*[m for m in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+              if m is not None])
     source = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path") or "<in-memory pipeline>"
     return TeacherBundle(
         unet=pipe.unet,
@@ -411,4 +481,8 @@ def bundle_from_pipeline(pipe) -> TeacherBundle:
         scheduler=pipe.scheduler,
         prediction_type=prediction_type,
         source=str(source),
+        text_encoder_2=getattr(pipe, "text_encoder_2", None) if sdxl else None,
+        tokenizer_2=getattr(pipe, "tokenizer_2", None) if sdxl else None,
+        force_zeros_for_empty_prompt=sdxl and bool(dict(getattr(pipe, "config", {}) or {}).get(
+            "force_zeros_for_empty_prompt", True)),
     )

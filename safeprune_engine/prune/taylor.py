@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.conditioning import unet_kwargs
 from .base import PRUNE_METHODS, CalibrationBatch, PruneMethod, PruneRequest
 from .width import prunable_layers, prune
 
@@ -63,7 +64,7 @@ def taylor_scores(unet: nn.Module, batches: list[CalibrationBatch], parts) -> di
         model.zero_grad(set_to_none=False)
         device = next(model.parameters()).device
         prediction = model(batch.latents.to(device), batch.timesteps.to(device),
-                           encoder_hidden_states=batch.text_emb.to(device, torch.float32)).sample
+                           **unet_kwargs(model, batch.text_emb.to(device, torch.float32))).sample
         F.mse_loss(prediction.float(), batch.target.to(device).float()).backward()
         for section, name, module, _ in layers:
             scores[(section, name)] += unit_contributions(section, module).cpu().pow(2) / len(batches)

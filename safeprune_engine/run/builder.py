@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig
+from ..models.conditioning import unet_kwargs
 from .concepts import encode_concept_prompts, make_concept_source
 
 log = logging.getLogger("safeprune_engine")
@@ -27,7 +28,7 @@ def block_shapes(unet, latent_size: int, text_shape: tuple[int, int], device) ->
     sample = torch.randn(1, unet.config.in_channels, latent_size, latent_size, device=device, dtype=param.dtype)
     text = torch.randn(1, *text_shape, device=device, dtype=param.dtype)
     with torch.no_grad(), taps.capture() as maps:
-        unet(sample, torch.tensor([10], device=device), encoder_hidden_states=text)
+        unet(sample, torch.tensor([10], device=device), **unet_kwargs(unet, text))
     taps.remove()
     return {name: tuple(m.shape[1:]) for name, m in zip(taps.names, maps)}
 
@@ -37,7 +38,7 @@ def encoders_on(teacher, device):
     """The VAE and the text encoder on the training device for the one-time passes, and back where they were
     afterwards: training never runs them, so they hold no accelerator memory during the steps (export and eval use
     them from there)."""
-    modules = [m for m in (teacher.vae, teacher.text_encoder) if m is not None]
+    modules = [m for m in (teacher.vae, teacher.text_encoder, getattr(teacher, "text_encoder_2", None)) if m is not None]
     homes = [next(m.parameters()).device for m in modules]
     try:
         for module in modules:
@@ -92,7 +93,7 @@ def fused_ops_pay_off(config: RunConfig, unet, sample: tuple, backward: bool) ->
     param = next(unet.parameters())
     dtype = torch.float32 if backward else param.dtype
     latents, timesteps, text = (t.to(param.device) for t in sample)
-    inputs, kwargs = (latents.to(dtype), timesteps), {"encoder_hidden_states": text.to(dtype)}
+    inputs, kwargs = (latents.to(dtype), timesteps), unet_kwargs(unet, text.to(dtype))
     context = autotune.device_context(param.device)
     key = unet_timing_key(unet, inputs, kwargs, backward, config.mixed_precision, DEFAULT_OPS)
     entry = autotune.cache().lookup(context, key)
@@ -163,7 +164,8 @@ def build_engine(config: RunConfig, teacher, student, data_folder, cache_dir: Pa
         data_cache = session.main_first(lambda: build_latent_cache(
             teacher, data_folder, resolution=config.resolution, cache_dir=cache_dir / "data", progress=progress))
         data_cache = data_cache.to(device)
-        empty_text_emb = encode_prompts(teacher, [""]).to(device) if config.caption_dropout > 0 else None
+        empty_text_emb = (encode_prompts(teacher, [""], resolution=config.resolution).to(device)
+                          if config.caption_dropout > 0 else None)
         if config.method != "distill-only":
             objective = build_objective(config)
             session.check_objective(objective)

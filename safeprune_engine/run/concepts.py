@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig
+from ..models.conditioning import ConditionLayout
 
 
 def encode_concept_prompts(config: RunConfig, teacher, data_captions: list[str] | None = None):
@@ -18,16 +19,16 @@ def encode_concept_prompts(config: RunConfig, teacher, data_captions: list[str] 
 
     prompts = list(config.erase_prompts or config.erase)
     resolved = [anchor_for(p, config.erase, config.anchors) for p in prompts]
-    concept_emb = encode_prompts(teacher, prompts)
+    concept_emb = encode_prompts(teacher, prompts, resolution=config.resolution)
     preserve = list(config.preserve)
     if config.preserve_from_data and data_captions:
         preserve += nearest_captions(teacher, data_captions, concept_emb, config.erase, config.preserve_from_data,
                                      seed=config.seed)
     return ConceptPrompts(
         concepts=list(config.erase), prompts=prompts, anchors=[a for _, a in resolved],
-        concept_emb=concept_emb, anchor_emb=encode_prompts(teacher, [a for _, a in resolved]),
+        concept_emb=concept_emb, anchor_emb=encode_prompts(teacher, [a for _, a in resolved], resolution=config.resolution),
         prompt_concept=torch.tensor([i for i, _ in resolved], dtype=torch.long),
-        preserve=preserve, preserve_emb=encode_prompts(teacher, preserve),
+        preserve=preserve, preserve_emb=encode_prompts(teacher, preserve, resolution=config.resolution),
     )
 
 
@@ -51,8 +52,10 @@ def nearest_captions(teacher, captions: list[str], concept_emb: torch.Tensor, co
     if not unique:
         return []
 
+    tokens = ConditionLayout.of(teacher.unet).hidden  # token rows only (SDXL packs more after them)
+
     def pooled(emb: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(emb.float().mean(dim=1), dim=-1)
+        return torch.nn.functional.normalize(tokens(emb).float().mean(dim=1), dim=-1)
 
     scores = (pooled(encode_prompts(teacher, unique)) @ pooled(concept_emb).to(teacher.text_encoder.device).T)
     best = scores.max(dim=1).values
@@ -82,11 +85,11 @@ def make_concept_source(config: RunConfig, teacher, teacher_unet, teacher_finger
         cache = build_latent_cache(teacher, folder, resolution=config.resolution, cache_dir=cache_dir / "concepts",
                                    progress=progress)
         resolved = [anchor_for(c, config.erase, config.anchors) for c in cache.captions]
-        anchor_emb = encode_prompts(teacher, [a for _, a in resolved])
+        anchor_emb = encode_prompts(teacher, [a for _, a in resolved], resolution=config.resolution)
         return ImageConceptSource(cache.to(device), anchor_emb.to(device), teacher.noise_scheduler(),
                                   teacher.prediction_type, torch.tensor([i for i, _ in resolved]), preserve)
     anchor_images = objective.latents == "clean"
-    uncond = encode_prompts(teacher, [""])
+    uncond = encode_prompts(teacher, [""], resolution=config.resolution)
     settings = dict(pool=config.esd_pool_size, ddim=config.esd_ddim_steps, guidance=config.esd_guidance,
                     size=latent_size, seed=config.seed)
     if anchor_images:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.conditioning import unet_kwargs
 from ..registry import Registry
 
 OBJECTIVES: Registry = Registry("erase method", discover="safeprune_engine.unlearn",
@@ -126,7 +127,7 @@ class UnlearnObjective(abc.ABC):
             teacher = engine.teacher_pass(None, batch, features=False, model=reference)
             with engine.autocast():
                 prediction = engine.student(batch.latents, batch.timesteps,
-                                            encoder_hidden_states=batch.conditions["concept"]).sample
+                                            **unet_kwargs(engine.student, batch.conditions["concept"])).sample
             total += float(self.loss(prediction, teacher.concept_predictions, batch))
         return total / batches
 

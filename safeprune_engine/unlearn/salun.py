@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import SafepruneError
+from ..models.conditioning import unet_kwargs
 from .base import OBJECTIVES, UnlearnObjective
 
 
@@ -27,7 +28,7 @@ def saliency_masks(engine, objective: UnlearnObjective, fraction: float, batches
         teacher = engine.teacher_pass(None, batch, features=False)
         with engine.autocast():
             prediction = engine.student(batch.latents, batch.timesteps,
-                                        encoder_hidden_states=batch.conditions["concept"]).sample
+                                        **unet_kwargs(engine.student, batch.conditions["concept"])).sample
         loss = objective.loss(prediction, teacher.concept_predictions, batch)
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         for name, grad in zip(params, grads):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..models.conditioning import ConditionLayout
 from .base import ConceptBatch
 
 
@@ -306,6 +307,7 @@ def sample_trajectory_pool(
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(ddim_steps, device=device)
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    layout = ConditionLayout.of(unet)
     kept_latents, kept_t, kept_concept = [], [], []
     jobs = [(k, start) for k in range(concept_emb.shape[0]) for start in range(0, pool_size, chunk)]
     for k, start in tqdm(jobs, desc="anchor images" if final else "ESD trajectory pool", disable=not progress):
@@ -325,7 +327,7 @@ def sample_trajectory_pool(
             if i == int(stop.max()):
                 break
             model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            pred = unet(model_in.to(dtype), t, encoder_hidden_states=cond).sample.float()
+            pred = unet(model_in.to(dtype), t, **layout.kwargs(cond)).sample.float()
             uncond_pred, cond_pred = pred.chunk(2)
             guided = uncond_pred + guidance * (cond_pred - uncond_pred)
             latents = scheduler.step(guided, t, latents).prev_sample

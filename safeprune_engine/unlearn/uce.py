@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import SafepruneError
+from ..models.conditioning import ConditionLayout
 from .base import OBJECTIVES, ConceptBatch, UnlearnObjective
 
 _KEY_VALUE = (".attn2.to_k.weight", ".attn2.to_v.weight")
@@ -87,10 +88,14 @@ class UnifiedConceptEditing(UnlearnObjective):
         if not self.layers():
             raise SafepruneError("uce edits cross-attention to_k / to_v weights, and this student has none")
         device = next(self.student.parameters()).device
-        length = prompts.concept_emb.shape[1]
-        self.erase = _tokens(prompts.concept_emb).to(device)
-        self.guide = _tokens(prompts.anchor_emb).to(device)
-        self.preserve = _tokens(prompts.preserve_emb).to(device)
+        # the key/value projections read the token rows only: an SDXL condition's packed pooled embedding and time
+        # ids (models.conditioning) feed the added embedding, not cross-attention; its token rows are both text
+        # encoders' states side by side, which is exactly the context to_k / to_v see
+        tokens = ConditionLayout.of(self.student).hidden
+        length = tokens(prompts.concept_emb).shape[1]
+        self.erase = _tokens(tokens(prompts.concept_emb)).to(device)
+        self.guide = _tokens(tokens(prompts.anchor_emb)).to(device)
+        self.preserve = _tokens(tokens(prompts.preserve_emb)).to(device)
         self.erase_concept = prompts.prompt_concept.to(device).repeat_interleave(length)  # concept of each token
         if not self.reference:
             self.snapshot()
