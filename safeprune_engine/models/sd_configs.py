@@ -3,29 +3,15 @@
 Scale tests and benchmarks use them (no hub here); users can check what a run at real size needs before
 downloading a teacher. Shapes follow the public model cards' configs: SD-1.5 (UNet 860M, CLIP ViT-L/14 text
 encoder, 512 px, epsilon), SD-2.1 (UNet 865M with linear projections and per-stage head counts, OpenCLIP ViT-H text
-encoder of 23 layers, 768 px, v-prediction), SDXL base (UNet 2.6B, 1024 px, two text encoders, added conditioning).
-
-SDXL is refused for training (see SDXL_UNSUPPORTED): its UNet takes added conditioning on every forward
-(text_embeds: the second text encoder's pooled output, (B, 1280); time_ids: original size, crop and target size,
-(B, 6)), and two text encoders whose hidden states are concatenated to 2048 channels. The latent cache, the concept
-sources, the one-teacher-pass step and the exporter carry one caption embedding per row and write a
-StableDiffusionPipeline. Supporting SDXL means carrying the pooled embedding and time ids through each of them
-and exporting a StableDiffusionXLPipeline; until then an SDXL teacher gets this error, and the UNet config is
-here only to size memory.
+encoder of 23 layers, 768 px, v-prediction), SDXL base (UNet 2.6B, 1024 px, CLIP ViT-L/14 and OpenCLIP ViT-bigG/14
+text encoders whose penultimate states sit side by side (2048 channels), the second's projected pooled output
+(1280) and six size/crop time ids as added conditioning, Euler scheduler).
 """
 from __future__ import annotations
 
 from ..errors import SafepruneError
 
 ARCHITECTURES = ("sd15", "sd21", "sdxl")
-
-SDXL_UNSUPPORTED = (
-    "SDXL teachers are not supported for training yet (tracked in README, 'Tracked limitations: SDXL'): their UNet "
-    "needs added conditioning (text_embeds (B, 1280) from the second text encoder's pooled output and time_ids "
-    "(B, 6) for original size, crop and target size) on every forward, and two text encoders; the latent cache, "
-    "the concept sources, the one-teacher-pass step and the exporter carry a single caption embedding per row. "
-    "Use an SD 1.x or 2.x teacher"
-)
 
 _SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 _SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
@@ -64,14 +50,24 @@ def vae_config(architecture: str) -> dict:
 
 
 def text_encoder_config(architecture: str) -> dict:
-    """CLIPTextConfig arguments: CLIP ViT-L/14 text (SD-1.5) or OpenCLIP ViT-H text, 23 layers used (SD-2.1)."""
-    if check_architecture(architecture) == "sd15":
+    """CLIPTextConfig arguments: CLIP ViT-L/14 text (SD-1.5, SDXL's first encoder) or OpenCLIP ViT-H text, 23 layers
+    used (SD-2.1)."""
+    if check_architecture(architecture) in ("sd15", "sdxl"):
         return dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                     num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
     if architecture == "sd21":
         return dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
                     num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512)
-    raise SafepruneError(SDXL_UNSUPPORTED)
+    raise SafepruneError(f"no text encoder config for {architecture!r}")
+
+
+def text_encoder_2_config(architecture: str) -> dict:
+    """CLIPTextConfig arguments of SDXL's second encoder, OpenCLIP ViT-bigG/14 text with its 1280-wide projection
+    (a CLIPTextModelWithProjection)."""
+    if check_architecture(architecture) != "sdxl":
+        raise SafepruneError(f"{architecture} has one text encoder; only sdxl has a second")
+    return dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
 
 
 def scheduler_config(architecture: str) -> dict:
@@ -88,15 +84,8 @@ def check_architecture(architecture: str) -> str:
     return architecture
 
 
-def check_trainable(architecture: str) -> str:
-    """Raise SafepruneError with the tracked reason for architectures the trainer cannot take as teachers."""
-    if check_architecture(architecture) == "sdxl":
-        raise SafepruneError(SDXL_UNSUPPORTED)
-    return architecture
-
-
 def build_unet(architecture: str, seed: int = 0, dtype=None):
-    """A UNet2DConditionModel of the architecture with random weights (SDXL included: for sizing only)."""
+    """A UNet2DConditionModel of the architecture with random weights."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -105,26 +94,41 @@ def build_unet(architecture: str, seed: int = 0, dtype=None):
     return unet if dtype is None else unet.to(dtype)
 
 
-def build_pipeline(architecture: str, seed: int = 0, unet=None):
-    """A StableDiffusionPipeline of the architecture with random weights, assembled offline.
+def build_pipeline(architecture: str, seed: int = 0, unet=None, dtype=None):
+    """A StableDiffusionPipeline (StableDiffusionXLPipeline for sdxl) of the architecture with random weights,
+    assembled offline; dtype: of every module (default fp32).
 
-    The tokenizer is the byte-level CLIP tokenizer of safeprune_engine.models.tokenizers (77 tokens); token ids stay below the
-    real vocabulary size, so the text encoder has its real shape. SDXL raises SafepruneError (see the module doc).
+    The tokenizers are the byte-level CLIP tokenizer of safeprune_engine.models.tokenizers (77 tokens); token ids
+    stay below the real vocabulary size, so the text encoders have their real shapes.
     """
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from .export import assemble_pipeline
     from .tokenizers import byte_clip_tokenizer
 
-    check_trainable(architecture)
+    check_architecture(architecture)
     torch.manual_seed(seed)
     tokenizer = byte_clip_tokenizer(model_max_length=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config(architecture),
-                                                bos_token_id=tokenizer.bos_token_id,
-                                                eos_token_id=tokenizer.eos_token_id,
-                                                pad_token_id=tokenizer.pad_token_id))
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config(architecture), **special))
     vae = AutoencoderKL(**vae_config(architecture))
     unet = build_unet(architecture, seed) if unet is None else unet
-    return assemble_pipeline(vae, text_encoder, tokenizer, unet, DDIMScheduler(**scheduler_config(architecture)))
+    second = {}
+    if architecture == "sdxl":
+        vae.register_to_config(force_upcast=True)  # the SDXL VAE overflows in fp16
+        second = dict(text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_2_config(architecture),
+                                                                                **special)),
+                      tokenizer_2=byte_clip_tokenizer(model_max_length=77))
+        scheduler = EulerDiscreteScheduler(**{k: v for k, v in scheduler_config(architecture).items()
+                                              if k not in ("clip_sample", "set_alpha_to_one")},
+                                           timestep_spacing="leading")
+    else:
+        scheduler = DDIMScheduler(**scheduler_config(architecture))
+    if dtype is not None:
+        for module in (text_encoder, vae, unet, second.get("text_encoder_2")):
+            if module is not None:
+                module.to(dtype)
+    return assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler, **second)
