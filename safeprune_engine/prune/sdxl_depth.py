@@ -7,17 +7,20 @@ smaller ones also drop resnet+attention pairs. Each variant here is one row of `
 
 - ``sdxl-depth-1.3b`` (in the spirit of Segmind SSD-1B, 1.3B UNet): every 10-layer transformer of the deepest
   stage and of the mid block keeps 4 layers (teacher layers 0, 3, 6, 9); nothing else is removed (36 of 70
-  BasicTransformerBlocks go, every resnet stays). Its encoder has SSD-1B's depths (1, 2, 4); SSD-1B also shortened
-  its decoder and mid block unevenly, chosen by layer-level losses on data, which a data-free method cannot redo.
-  Measured: 1,316M parameters.
-- ``sdxl-depth-1b`` (in the spirit of KOALA-1B, 1,161M): bk-base first (the second resnet+attention pair of every
-  down and every up stage, ``layers_per_block`` 2 -> 1; see ``bk.py``), then the remaining 10-layer transformers
+  BasicTransformerBlocks go, every resnet stays). Its encoder has SSD-1B's transformer depths (0, 2, 4); SSD-1B
+  also trimmed its decoder and mid block unevenly, chosen by layer-level losses on data, which a data-free method
+  cannot redo. Measured: 1,316M parameters (SSD-1B: 1.3B).
+- ``sdxl-depth-1b`` (in the spirit of KOALA-1B): bk-base first (the second resnet+attention pair of every down
+  and every up stage, ``layers_per_block`` 2 -> 1; see ``bk.py``), then the remaining 10-layer transformers
   (``down_blocks.2.attentions.0``, ``up_blocks.0.attentions.{0,1}`` of the student, the mid block's) keep 6 layers
-  (teacher layers 0, 2, 4, 5, 7, 9). KOALA-1B's transformer depths are (0, 2, 6) with one pair per encoder stage.
-  Measured: 1,161M parameters.
-- ``sdxl-depth-700m`` (in the spirit of KOALA-700M, 782M, and near Segmind-Vega, 0.74B): bk-small first (bk-base
-  plus the whole mid block), then the remaining 10-layer transformers keep 5 layers (teacher layers 0, 2, 5, 7, 9).
-  KOALA-700M's depths are (0, 2, 5) without a mid block. Measured: 783M parameters.
+  (teacher layers 0, 2, 4, 5, 7, 9). KOALA-1B's published depths are (0, 2, 6) and its UNet 1,161M parameters;
+  this construction measures 1,161.2M.
+- ``sdxl-depth-700m`` (in the spirit of KOALA-700M, and near Segmind-Vega's 0.74B): bk-small first (bk-base plus
+  the whole mid block), then the remaining 10-layer transformers keep 5 layers (teacher layers 0, 2, 5, 7, 9).
+  KOALA-700M's published depths are (0, 2, 5) and its UNet 782M parameters; this one measures 782.8M.
+
+MACs at 1024x1024 px (128x128 latents, ``count_macs`` with added conditioning): SDXL 3,381G; the variants 2,175G,
+1,716G and 1,351G (64%, 51%, 40%; ``benchmarks/sdxl_depth_sizes.py``).
 
 Which layers stay: evenly spaced over the stack, the first and the last always among them
 (``kept_layers(n, k) = round(i (n - 1) / (k - 1))``). The first layer reads what ``proj_in`` writes and the last
@@ -39,8 +42,9 @@ it with no safeprune code. The time embedding and SDXL's added conditioning (``a
 ``add_embedding``) are kept and copied. Every weight is copied from the teacher by name: pair indices shift as in
 ``bk.teacher_name`` and student ``...transformer_blocks.i`` reads teacher ``...transformer_blocks.kept[i]``. A
 student tensor with no teacher counterpart of its shape is left fresh and listed in the report's ``fresh``
-(none for these variants). MACs are counted on shape-only ``meta`` copies of teacher and student (exact, as
-counts depend on shapes only; a real SDXL forward at 128x128 latents takes minutes on a CPU).
+(none for these variants). MACs are counted on shape-only ``meta`` copies of teacher and student: exact, as
+counts depend on shapes only (the benchmark checks them against real forwards), where a real SDXL forward at
+128x128 latents costs about a minute of a 2-core CPU in bf16 (and 10 GB of fp32 weights).
 """
 from __future__ import annotations
 
