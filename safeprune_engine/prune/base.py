@@ -79,8 +79,8 @@ def prune_unet(
     """Prune a copy of ``unet`` with the registered method ``method``; returns ``(student, PruneReport)``.
 
     Width methods (magnitude, taylor) take exactly one of ``ratio`` / ``target_macs``; block-removal methods
-    (bk-base, bk-small, bk-tiny) take neither and refuse ``target_macs``. ``calibration``: batches (or a callable
-    making them) for data-driven methods.
+    (bk-base, bk-small, bk-tiny, sdxl-depth-*) take neither and refuse ``target_macs``. ``calibration``: batches
+    (or a callable making them) for data-driven methods.
     """
     pruner = PRUNE_METHODS.get(method)()
     if pruner.fixed_architecture:

@@ -17,7 +17,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("prune", help="prune a teacher's UNet and report params, MACs and latency")
     p.add_argument("--teacher", required=True, help="StableDiffusionPipeline directory")
     p.add_argument("--prune-method", default="magnitude",
-                   help="magnitude | taylor | bk-base | bk-small | bk-tiny (or a plug-in's name)")
+                   help="magnitude | taylor | bk-base | bk-small | bk-tiny | sdxl-depth-1.3b | "
+                        "sdxl-depth-1b | sdxl-depth-700m (or a plug-in's name)")
     p.add_argument("--prune-ratio", type=float, default=None, help="fraction of width units removed (width methods)")
     p.add_argument("--target-macs", type=float, default=None, help="prune to this fraction of the teacher's MACs")
     p.add_argument("--prune-importance", default="l2", help="magnitude: l2 | l1")
