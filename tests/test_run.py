@@ -86,6 +86,24 @@ def test_train_leaves_the_callers_teacher_and_student_exactly_as_they_were(tmp_p
     assert next(result.teacher_unet.parameters()).dtype == torch.float32  # released back to fp32 after training
 
 
+def test_a_student_pruned_from_a_bf16_teacher_trains_in_fp32(tmp_path):
+    """A teacher loaded in bf16 to fit memory: the pruned student's weights (and optimizer) are fp32, the teacher
+    pass stays bf16 (--teacher-dtype)."""
+    from safeprune_engine.models.teacher import bundle_from_pipeline
+    from safeprune_engine.run import train
+    from safeprune_engine.testing import tiny_pipeline, write_image_folder
+
+    teacher = bundle_from_pipeline(tiny_pipeline(seed=0).to(dtype=torch.bfloat16))
+    data = write_image_folder(tmp_path / "data", CAPTIONS, size=16)
+    config = RunConfig(teacher="in-memory", data=str(data), out=str(tmp_path / "run"), erase=["by monet"],
+                       method="bilevel", steps=2, batch_size=2, resolution=16, esd_pool_size=2, esd_ddim_steps=2,
+                       progress=False, lr=1e-3, teacher_dtype="bf16", prune_ratio=0.5, device="cpu", log_every=1)
+    result = train(config, teacher=teacher)
+    assert {p.dtype for p in result.student.parameters()} == {torch.float32}
+    assert next(teacher.unet.parameters()).dtype == torch.bfloat16
+    assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in result.history)
+
+
 def test_train_without_a_teacher_says_where_the_builtin_default_is(tmp_path):
     from safeprune_engine.run import train
 

@@ -195,11 +195,12 @@ class LatentCache:
     def device(self) -> torch.device:
         return self.latent_mean.device
 
-    def to(self, device: str | torch.device) -> "LatentCache":
-        """Moves all tensors to `device` in place and returns self."""
-        self.latent_mean = self.latent_mean.to(device)
-        self.latent_std = self.latent_std.to(device)
-        self.text_emb = self.text_emb.to(device)
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "LatentCache":
+        """Moves all tensors to `device` (and `dtype`, e.g. fp32 training data from a bf16 teacher's encoders) in
+        place and returns self."""
+        self.latent_mean = self.latent_mean.to(device, dtype)
+        self.latent_std = self.latent_std.to(device, dtype)
+        self.text_emb = self.text_emb.to(device, dtype)
         return self
 
     def sample_latents(self, indices, generator: torch.Generator | None = None) -> torch.Tensor:

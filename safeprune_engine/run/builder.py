@@ -163,13 +163,15 @@ def build_engine(config: RunConfig, teacher, student, data_folder, cache_dir: Pa
     with encoders_on(teacher, device):
         data_cache = session.main_first(lambda: build_latent_cache(
             teacher, data_folder, resolution=config.resolution, cache_dir=cache_dir / "data", progress=progress))
-        data_cache = data_cache.to(device)
+        # training data in fp32 whatever the encoders ran in: the student's weights are fp32 (run/stages.py), and
+        # --mixed-precision / --teacher-dtype cast at each forward
+        data_cache = data_cache.to(device, torch.float32)
         empty_text_emb = (encode_prompts(teacher, [""], resolution=config.resolution).to(device)
                           if config.caption_dropout > 0 else None)
         if config.method != "distill-only":
             objective = build_objective(config)
             session.check_objective(objective)
-            prompts = encode_concept_prompts(config, teacher, data_folder.captions).to(device)
+            prompts = encode_concept_prompts(config, teacher, data_folder.captions).to(device, torch.float32)
             concept_source = session.main_first(lambda: make_concept_source(
                 config, teacher, teacher_unet, teacher_fingerprint, prompts, objective, cache_dir, latent_size,
                 device, progress))

@@ -86,7 +86,8 @@ def make_concept_source(config: RunConfig, teacher, teacher_unet, teacher_finger
                                    progress=progress)
         resolved = [anchor_for(c, config.erase, config.anchors) for c in cache.captions]
         anchor_emb = encode_prompts(teacher, [a for _, a in resolved], resolution=config.resolution)
-        return ImageConceptSource(cache.to(device), anchor_emb.to(device), teacher.noise_scheduler(),
+        return ImageConceptSource(cache.to(device, torch.float32), anchor_emb.to(device, torch.float32),
+                                  teacher.noise_scheduler(),
                                   teacher.prediction_type, torch.tensor([i for i, _ in resolved]), preserve)
     anchor_images = objective.latents == "clean"
     uncond = encode_prompts(teacher, [""], resolution=config.resolution)

@@ -128,10 +128,23 @@ def resolve_student(config: RunConfig, teacher: TeacherSource, student, inputs: 
                                                     config.prune_calibration_batches, config.batch_size,
                                                     seed=config.seed, device=device))
         log.info(report.summary())
-        return StudentStart(student, report.to_dict())
+        return StudentStart(fp32_weights(student), report.to_dict())
     report = {"params_before": count_params(bundle.unet), "params_after": count_params(student),
               "macs_before": teacher_macs, "macs_after": count_macs(student, sample_size=latent_size)}
-    return StudentStart(copy.deepcopy(student), report)  # the run trains its own copy
+    return StudentStart(fp32_weights(copy.deepcopy(student)), report)  # the run trains its own copy
+
+
+def fp32_weights(student):
+    """The student in fp32, the dtype its weights are trained in (--mixed-precision computes in bf16/fp16 under
+    autocast; the weights and their optimizer stay fp32): a student pruned from a teacher loaded in bf16 or fp16
+    (to fit memory) is cast up once, in place."""
+    import torch
+
+    if next(student.parameters()).dtype in (torch.bfloat16, torch.float16):
+        log.info("student weights cast to fp32 for training (pruned from a %s teacher)",
+                 str(next(student.parameters()).dtype).replace("torch.", ""))
+        student.to(torch.float32)
+    return student
 
 
 # ---- the run directory ---------------------------------------------------------------------------------------------

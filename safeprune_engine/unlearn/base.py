@@ -65,10 +65,10 @@ class ConceptPrompts:
     preserve: list[str]
     preserve_emb: torch.Tensor
 
-    def to(self, device) -> "ConceptPrompts":
-        return ConceptPrompts(self.concepts, self.prompts, self.anchors, self.concept_emb.to(device),
-                              self.anchor_emb.to(device), self.prompt_concept.to(device), self.preserve,
-                              self.preserve_emb.to(device))
+    def to(self, device, dtype: torch.dtype | None = None) -> "ConceptPrompts":
+        return ConceptPrompts(self.concepts, self.prompts, self.anchors, self.concept_emb.to(device, dtype),
+                              self.anchor_emb.to(device, dtype), self.prompt_concept.to(device), self.preserve,
+                              self.preserve_emb.to(device, dtype))
 
 
 class UnlearnObjective(abc.ABC):
