@@ -299,3 +299,21 @@ def test_two_rank_zero_run_with_an_sdxl_teacher(sdxl, tmp_path):
     assert summary["ranks"] == 2 and summary["teacher_zero3"] is True
     assert summary["rank_weight_checksums"][0] == summary["rank_weight_checksums"][1]
     assert json.loads((out / "pipeline" / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+
+
+def test_depth_pruned_sdxl_student_trains_and_exports_a_plain_pipeline(sdxl, tmp_path):
+    """--prune-method sdxl-depth-1b on the SDXL teacher through safeprune run: the student is a plain
+    UNet2DConditionModel with fewer layers, and diffusers loads the exported StableDiffusionXLPipeline with no
+    safeprune code (a fresh interpreter that never imports the package)."""
+    out = tmp_path / "run"
+    run_cli(["run", "--teacher", sdxl["teacher"], "--data", sdxl["data"], "--prune-method", "sdxl-depth-1b",
+             "--steps", "2", "--out", str(out), "--batch-size", "2", *FAST])
+    config = json.loads((out / "pipeline" / "unet" / "config.json").read_text())
+    assert config["_class_name"] == "UNet2DConditionModel" and config["layers_per_block"] == 1
+    probe = ("import sys, torch; from diffusers import StableDiffusionXLPipeline; "
+             f"p = StableDiffusionXLPipeline.from_pretrained({str(out / 'pipeline')!r}, local_files_only=True); "
+             "assert 'safeprune_engine' not in sys.modules; "
+             "print(p('a cat', num_inference_steps=2, height=16, width=16, output_type='np').images.shape)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(1, 16, 16, 3)" in done.stdout
