@@ -126,7 +126,20 @@ def test_sdxl_architecture_pruned_to_half_its_macs_trains_two_bilevel_steps(tmp_
     timings = {"build_s": built - started, "prune_train_export_s": finished - built,
                "peak_rss_gib": peak_rss_gib(), "params_before": report["params_before"],
                "params_after": report["params_after"], "macs_before": report["macs_before"],
-               "macs_after": report["macs_after"]}
+               "macs_after": report["macs_after"], **macs_at_1024(pipe.unet)}
     print("SDXL scale run:", json.dumps(timings))
     for key, value in timings.items():
         record_property(key, value)
+
+
+def macs_at_1024(student) -> dict:
+    """MACs of SDXL's UNet and of `student` at 1024x1024 px (128x128 latents, added conditioning), counted on
+    shape-only (meta) copies built from their configs."""
+    from diffusers import UNet2DConditionModel
+
+    from safeprune_engine.prune.macs import count_macs
+
+    with torch.device("meta"):
+        teacher = UNet2DConditionModel(**sd_configs.unet_config("sdxl"))
+        twin = type(student).from_config(student.config)
+    return {"macs_1024_before": count_macs(teacher, sample_size=128), "macs_1024_after": count_macs(twin, sample_size=128)}

@@ -142,6 +142,25 @@ def test_cache_rows_carry_their_size_and_crop_and_rebuild_on_either_encoder(sdxl
     assert not torch.allclose(rebuilt.text_emb, cache.text_emb)
 
 
+def test_width_pruning_shrinks_every_transformer_layer_and_keeps_the_added_embedding():
+    from safeprune_engine.prune.width import prune
+    from safeprune_engine.testing import tiny_sdxl_pipeline
+
+    teacher = tiny_sdxl_pipeline(seed=0).unet
+    student, _ = prune(teacher, ratio=0.5)
+    before, after = dict(teacher.named_parameters()), dict(student.named_parameters())
+    for name in before:
+        if name.startswith(("add_embedding.", "time_embedding.")):  # SDXL's added conditioning stays whole
+            assert torch.equal(before[name], after[name]), name
+    for layer in (0, 1):  # both layers of the 2-layer transformer lose half their feed-forward units
+        key = f"down_blocks.1.attentions.0.transformer_blocks.{layer}.ff.net.0.proj.weight"
+        assert after[key].shape[0] == before[key].shape[0] // 2
+    latents, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 700])
+    added = {"text_embeds": torch.randn(2, 32), "time_ids": time_ids(64, 2)}
+    text = torch.randn(2, 5, 64)
+    assert student(latents, t, encoder_hidden_states=text, added_cond_kwargs=added).sample.shape == latents.shape
+
+
 def make_engine(sdxl, tmp_path, **overrides):
     from safeprune_engine.bilevel.solvers import build_solver
     from safeprune_engine.data.imagefolder import ImageFolder
