@@ -84,7 +84,8 @@ def test_constraint_form_runs_the_teacher_on_the_probe_only_at_checks(tmp_path):
 
 
 def test_teacher_pass_batches_data_and_concept_rows(tmp_path):
-    engine, _, _ = make_engine(tmp_path, concept_targets="live")
+    # the concept and anchor conditions only (the preserve rows of --preserve-from-data are a third: tested below)
+    engine, _, _ = make_engine(tmp_path, concept_targets="live", preserve_from_data=0)
     data, concept = engine.sample_data_batch(), engine.sample_concept_batch()
     assert concept.teacher_predictions is None
     shapes = []
@@ -115,9 +116,10 @@ def test_cached_concept_targets_are_the_teachers_and_skip_its_concept_rows(tmp_p
     """Cached targets (the default): the pool's stored predictions equal live teacher forwards on the same rows
     under each condition, and a step's teacher forward then holds the data rows only."""
     engine, _, _ = make_engine(tmp_path)
+    assert engine.prompts.preserve  # the default --preserve-from-data holds fine-tuning captions too
     assert len(engine.concepts) == 4  # every row of the trajectory pool (esd_pool_size 4, one prompt)
     data, concept = engine.sample_data_batch(), engine.sample_concept_batch()
-    assert set(concept.teacher_predictions) == {"concept", "anchor"}
+    assert set(concept.teacher_predictions) == {"concept", "anchor", "preserve"}
     shapes = []
     hook = engine.teacher.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(args[0].shape),
                                                     with_kwargs=True)
@@ -125,7 +127,7 @@ def test_cached_concept_targets_are_the_teachers_and_skip_its_concept_rows(tmp_p
     hook.remove()
     assert shapes == [torch.Size([2, 4, 8, 8])]
     with torch.no_grad():
-        for name in ("concept", "anchor"):
+        for name in ("concept", "anchor", "preserve"):
             live = engine.teacher(concept.latents, concept.timesteps,
                                   encoder_hidden_states=concept.conditions[name]).sample
             torch.testing.assert_close(out.concept_predictions[name], live, atol=1e-5, rtol=1e-4)
