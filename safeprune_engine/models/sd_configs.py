@@ -85,13 +85,35 @@ def check_architecture(architecture: str) -> str:
 
 
 def build_unet(architecture: str, seed: int = 0, dtype=None):
-    """A UNet2DConditionModel of the architecture with random weights."""
+    """A UNet2DConditionModel of the architecture with random weights, created in `dtype` (default fp32): no fp32
+    copy of a 2.6B-parameter UNet exists on the way to a bf16 one."""
     import torch
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**unet_config(architecture))
-    return unet if dtype is None else unet.to(dtype)
+    with created_in(dtype):
+        return UNet2DConditionModel(**unet_config(architecture))
+
+
+def created_in(dtype):
+    """A context in which new floating-point parameters are created in `dtype` (None: leave the default)."""
+    import contextlib
+
+    import torch
+
+    if dtype is None:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def default_dtype():
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(previous)
+
+    return default_dtype()
 
 
 def build_pipeline(architecture: str, seed: int = 0, unet=None, dtype=None):
@@ -113,22 +135,20 @@ def build_pipeline(architecture: str, seed: int = 0, unet=None, dtype=None):
     tokenizer = byte_clip_tokenizer(model_max_length=77)
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config(architecture), **special))
-    vae = AutoencoderKL(**vae_config(architecture))
-    unet = build_unet(architecture, seed) if unet is None else unet
+    with created_in(dtype):
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config(architecture), **special))
+        vae = AutoencoderKL(**vae_config(architecture))
+    unet = build_unet(architecture, seed, dtype) if unet is None else unet
     second = {}
     if architecture == "sdxl":
         vae.register_to_config(force_upcast=True)  # the SDXL VAE overflows in fp16
-        second = dict(text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_2_config(architecture),
-                                                                                **special)),
-                      tokenizer_2=byte_clip_tokenizer(model_max_length=77))
+        with created_in(dtype):
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_2_config(architecture),
+                                                                        **special))
+        second = dict(text_encoder_2=text_encoder_2, tokenizer_2=byte_clip_tokenizer(model_max_length=77))
         scheduler = EulerDiscreteScheduler(**{k: v for k, v in scheduler_config(architecture).items()
                                               if k not in ("clip_sample", "set_alpha_to_one")},
                                            timestep_spacing="leading")
     else:
         scheduler = DDIMScheduler(**scheduler_config(architecture))
-    if dtype is not None:
-        for module in (text_encoder, vae, unet, second.get("text_encoder_2")):
-            if module is not None:
-                module.to(dtype)
     return assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler, **second)

@@ -385,14 +385,16 @@ def _check_index_only(index_file: Path, source: str) -> None:
 
 
 def load_teacher(
-    source: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    source: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    unet_dtype: torch.dtype | None = None,
 ) -> TeacherBundle:
     """Loads a Stable Diffusion 1.x / 2.x or SDXL base pipeline as a frozen TeacherBundle.
 
     source: a local pipeline folder (model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/, and for SDXL
     text_encoder_2/ tokenizer_2/), or a hub id "owner/name" (downloaded when online; only the hub cache is used when
     HF_HUB_OFFLINE=1).
-    device, dtype: where and in which floating dtype the unet, vae and text encoder live.
+    device, dtype: where and in which floating dtype the unet, vae and text encoder live; unet_dtype: the UNet's
+    own dtype when it differs (a bf16 SDXL UNet is 5 GB of host memory instead of 10).
     The folder is validated before any weight is read; every problem raises SafepruneError.
     """
     root, _ = _resolve_source(source)
@@ -402,7 +404,8 @@ def load_teacher(
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype, local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=unet_dtype or dtype,
+                                                local_files_only=True)
     vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype, local_files_only=True)
     text_encoder = transformers.CLIPTextModel.from_pretrained(
         root, subfolder="text_encoder", dtype=dtype, local_files_only=True
