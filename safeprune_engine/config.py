@@ -69,7 +69,7 @@ class RunConfig:
                                       "caption minus the concept) | any other text; repeat to give each --erase "
                                       "its own")
     preserve: list[str] = setting([], "a prompt whose outputs are held to the teacher's (repeatable)", unset="none")
-    preserve_from_data: int = setting(8, "also hold the N fine-tuning captions nearest the erase prompts (text-encoder "
+    preserve_from_data: int = setting(0, "also hold the N fine-tuning captions nearest the erase prompts (text-encoder "
                                       "similarity; none naming an --erase concept) to the teacher, like --preserve "
                                       "prompts: protects look-alike concepts the data shows without naming them (0: "
                                       "off)")

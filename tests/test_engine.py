@@ -85,7 +85,7 @@ def test_constraint_form_runs_the_teacher_on_the_probe_only_at_checks(tmp_path):
 
 def test_teacher_pass_batches_data_and_concept_rows(tmp_path):
     # the concept and anchor conditions only (the preserve rows of --preserve-from-data are a third: tested below)
-    engine, _, _ = make_engine(tmp_path, concept_targets="live", preserve_from_data=0)
+    engine, _, _ = make_engine(tmp_path, concept_targets="live")
     data, concept = engine.sample_data_batch(), engine.sample_concept_batch()
     assert concept.teacher_predictions is None
     shapes = []
@@ -115,8 +115,8 @@ def test_teacher_pass_batches_data_and_concept_rows(tmp_path):
 def test_cached_concept_targets_are_the_teachers_and_skip_its_concept_rows(tmp_path):
     """Cached targets (the default): the pool's stored predictions equal live teacher forwards on the same rows
     under each condition, and a step's teacher forward then holds the data rows only."""
-    engine, _, _ = make_engine(tmp_path)
-    assert engine.prompts.preserve  # the default --preserve-from-data holds fine-tuning captions too
+    engine, _, _ = make_engine(tmp_path, preserve_from_data=8)
+    assert engine.prompts.preserve  # --preserve-from-data holds fine-tuning captions too: a third condition
     assert len(engine.concepts) == 4  # every row of the trajectory pool (esd_pool_size 4, one prompt)
     data, concept = engine.sample_data_batch(), engine.sample_concept_batch()
     assert set(concept.teacher_predictions) == {"concept", "anchor", "preserve"}
