@@ -275,6 +275,12 @@ def test_prune_train_export_and_sample_through_the_cli(sdxl, tmp_path):
     run_cli(["sample", "--model", str(out), "--prompt", "a red square", "--out", str(png), "--steps", "2",
              "--device", "cpu"])
     assert png.stat().st_size > 0
+    report = tmp_path / "eval.json"  # the toy prompt set and judge, at the judge's 32 px
+    run_cli(["eval", "--model", str(out), "--size", "32", "--steps", "2", "--samples-per-prompt", "1", "--device",
+             "cpu", "--out", str(report)])
+    model = json.loads(report.read_text())["model"]
+    assert model["name"] == str(out) and 0.0 <= model["metrics"]["erased_rate"] <= 1.0
+    assert np.isfinite(model["metrics"]["fd"])
 
 
 def test_scale_options_with_an_sdxl_teacher(sdxl, tmp_path):
@@ -310,6 +316,9 @@ def test_two_rank_zero_run_with_an_sdxl_teacher(sdxl, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                   str(Path(__file__).resolve().parent.parent / ".torch_extensions"))}
+    import glob
+
+    shm = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
     out = tmp_path / "zero"
     run_cli(["run", "--teacher", sdxl["teacher"], "--data", sdxl["data"], "--prune-ratio", "0.5", "--steps", "2",
              "--out", str(out), "--launcher", "torchrun", "--nproc", "2", "--zero-stage", "3", "--teacher-zero3", "--outer-optimizer", "adamw",
@@ -318,6 +327,8 @@ def test_two_rank_zero_run_with_an_sdxl_teacher(sdxl, tmp_path):
     assert summary["ranks"] == 2 and summary["teacher_zero3"] is True
     assert summary["rank_weight_checksums"][0] == summary["rank_weight_checksums"][1]
     assert json.loads((out / "pipeline" / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    # DeepSpeed's CPU all-reduce buffers (shared memory, i.e. RAM) are gone with the ranks
+    assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= shm
 
 
 def test_depth_pruned_sdxl_student_trains_and_exports_a_plain_pipeline(sdxl, tmp_path):

@@ -6,6 +6,8 @@ so every code path is the same with one rank or many.
 """
 from __future__ import annotations
 
+import atexit
+import glob
 import logging
 import os
 import socket
@@ -160,6 +162,18 @@ def row_major(tensor: torch.Tensor) -> torch.Tensor:
 
 
 _CONTEXT: DistContext | None = None
+SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"
+
+
+def remove_shm_buffers(addr: str, port: str, rank: int) -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffers (shared-memory files of ~66 MB that DeepSpeed never
+    removes: every multi-rank CPU run left two behind, and /dev/shm is RAM). Safe while still mapped: the memory
+    goes when the process unmaps it at exit."""
+    for path in glob.glob(SHM_BUFFERS.format(addr=addr, port=port, rank=rank)):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def init_context(config, need_deepspeed: bool) -> DistContext:
@@ -193,6 +207,8 @@ def init_context(config, need_deepspeed: bool) -> DistContext:
 
         # DeepSpeed logs config dumps and "untested optimizer" notices at INFO/WARNING on every rank
         deepspeed_logger.setLevel(logging.DEBUG if log.getEffectiveLevel() <= logging.DEBUG else logging.ERROR)
+    if need_deepspeed and device.type == "cpu" and world_size > 1:
+        atexit.register(remove_shm_buffers, os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank)
     uses_deepspeed = need_deepspeed or (_CONTEXT is not None and _CONTEXT.uses_deepspeed)
     _CONTEXT = DistContext(rank, world_size, local_rank, device, dist.get_backend(), uses_deepspeed)
     return _CONTEXT

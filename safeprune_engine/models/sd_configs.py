@@ -116,9 +116,11 @@ def created_in(dtype):
     return default_dtype()
 
 
-def build_pipeline(architecture: str, seed: int = 0, unet=None, dtype=None):
+def build_pipeline(architecture: str, seed: int = 0, unet=None, dtype=None, text_layers: int | None = None):
     """A StableDiffusionPipeline (StableDiffusionXLPipeline for sdxl) of the architecture with random weights,
-    assembled offline; dtype: of every module (default fp32).
+    assembled offline; dtype: of every module (default fp32); text_layers: fewer transformer layers in the text
+    encoders, their widths (what the UNet sees) kept (a scale test of the UNet that cannot hold SDXL's 818M-parameter
+    encoders next to it).
 
     The tokenizers are the byte-level CLIP tokenizer of safeprune_engine.models.tokenizers (77 tokens); token ids
     stay below the real vocabulary size, so the text encoders have their real shapes.
@@ -135,16 +137,17 @@ def build_pipeline(architecture: str, seed: int = 0, unet=None, dtype=None):
     tokenizer = byte_clip_tokenizer(model_max_length=77)
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
+    depth = {} if text_layers is None else {"num_hidden_layers": text_layers}
     with created_in(dtype):
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config(architecture), **special))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**{**text_encoder_config(architecture), **depth}, **special))
         vae = AutoencoderKL(**vae_config(architecture))
     unet = build_unet(architecture, seed, dtype) if unet is None else unet
     second = {}
     if architecture == "sdxl":
         vae.register_to_config(force_upcast=True)  # the SDXL VAE overflows in fp16
         with created_in(dtype):
-            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_2_config(architecture),
-                                                                        **special))
+            text_encoder_2 = CLIPTextModelWithProjection(
+                CLIPTextConfig(**{**text_encoder_2_config(architecture), **depth}, **special))
         second = dict(text_encoder_2=text_encoder_2, tokenizer_2=byte_clip_tokenizer(model_max_length=77))
         scheduler = EulerDiscreteScheduler(**{k: v for k, v in scheduler_config(architecture).items()
                                               if k not in ("clip_sample", "set_alpha_to_one")},
