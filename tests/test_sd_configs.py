@@ -1,5 +1,6 @@
 """Real Stable Diffusion architectures with random weights: their sizes, and (opt-in, slow) one SD-1.5-sized run."""
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -93,7 +94,14 @@ def test_sd15_architecture_prunes_trains_two_bilevel_steps_and_exports(tmp_path,
         record_property(key, value)
 
 
+def total_ram_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(total_ram_gib() < 40, reason="needs more than 24 GiB of host memory: on the project's 24 GiB "
+                    "machine it was killed by the kernel at 24.2 GiB RSS after 7 min 47 s (2026-12-06); run it where "
+                    "40 GiB or more are free")
 def test_sdxl_architecture_pruned_to_half_its_macs_trains_two_bilevel_steps(tmp_path, record_property):
     """SDXL base's UNet (2.57B parameters, random weights) and text encoders of their real widths with one layer each
     (the full 818M-parameter encoders do not fit next to it in this machine's 24 GiB), saved as a pipeline folder;
