@@ -321,6 +321,18 @@ def test_rows_and_global_values():
     torch.testing.assert_close(x.grad, 2 * x.detach() / 5)
 
 
+def test_each_rank_unlinks_its_own_shared_memory_buffers(tmp_path):
+    """DeepSpeed's CPU all-reduce buffers (files in /dev/shm, i.e. RAM) outlive the ranks unless removed: each rank
+    removes its own at exit, and only its own (another run on another port keeps its buffers)."""
+    from safeprune_engine.distributed.runtime import remove_shm_buffers
+
+    names = [f"deepspeed_allreduce_buffer_0_127.0.0.1_{port}_{rank}" for port in (29500, 29501) for rank in (0, 1)]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    remove_shm_buffers("127.0.0.1", "29500", 1, root=str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n in names if not n.endswith("29500_1"))
+
+
 def test_deepspeed_configs():
     from safeprune_engine.distributed.zero_config import student_config, teacher_config
 

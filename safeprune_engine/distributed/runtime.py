@@ -162,14 +162,14 @@ def row_major(tensor: torch.Tensor) -> torch.Tensor:
 
 
 _CONTEXT: DistContext | None = None
-SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"
+SHM_BUFFERS = "deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"
 
 
-def remove_shm_buffers(addr: str, port: str, rank: int) -> None:
+def remove_shm_buffers(addr: str, port: str, rank: int, root: str = "/dev/shm") -> None:
     """Unlink this rank's DeepSpeed CPU all-reduce buffers (shared-memory files of ~66 MB that DeepSpeed never
     removes: every multi-rank CPU run left two behind, and /dev/shm is RAM). Safe while still mapped: the memory
     goes when the process unmaps it at exit."""
-    for path in glob.glob(SHM_BUFFERS.format(addr=addr, port=port, rank=rank)):
+    for path in glob.glob(os.path.join(root, SHM_BUFFERS.format(addr=addr, port=port, rank=rank))):
         try:
             os.unlink(path)
         except OSError:

@@ -84,9 +84,13 @@ def export_pipeline(teacher, student, out_dir: str | os.PathLike, dtype: torch.d
 
     from .pruned_unet import PrunedUNet2DConditionModel
 
-    unet = copy.deepcopy(student).cpu()
-    if dtype is not None:
-        unet = unet.to(dtype)
+    param = next(student.parameters())
+    if param.device.type == "cpu" and dtype in (None, param.dtype):
+        unet = student  # written as it is: no second copy of a (2.6B-parameter) student in host memory
+    else:
+        unet = copy.deepcopy(student).cpu()
+        if dtype is not None:
+            unet = unet.to(dtype)
     pipe = assemble_pipeline(teacher.vae, teacher.text_encoder, teacher.tokenizer, unet, teacher.scheduler,
                              getattr(teacher, "text_encoder_2", None), getattr(teacher, "tokenizer_2", None),
                              getattr(teacher, "force_zeros_for_empty_prompt", True))
