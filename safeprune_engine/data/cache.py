@@ -15,8 +15,8 @@ Cache layout (cache_dir/):
 The fingerprint hashes the image folder (metadata + file sizes/mtimes), the resolution, the VAE, the text encoder,
 the tokenizer and the format version (for SDXL also the second encoder and tokenizer and the condition layout);
 any change rebuilds. SDXL text rows are packed conditions (models.conditioning) whose time ids hold each image's
-original size and crop corner; a VAE whose config asks for force_upcast (SDXL's overflows in fp16) encodes in fp32. The same function caches the concept ("erase") images:
-give it their ImageFolder and another cache_dir.
+original size and crop corner; a VAE whose config asks for force_upcast (SDXL's overflows in fp16) encodes in fp32.
+The same function caches the concept ("erase") images: give it their ImageFolder and another cache_dir.
 """
 from __future__ import annotations
 
@@ -367,10 +367,15 @@ def _encode_dtype(vae) -> torch.dtype:
     return param.dtype
 
 
-def _row_time_ids(folder, indices, resolution: int) -> torch.Tensor:
-    """SDXL time ids of data rows: each image's original size and centre-crop corner, the training size."""
-    rows = [(*folder.size_and_crop(i, resolution), resolution, resolution) for i in indices]
-    return torch.tensor(rows, dtype=torch.float32)
+def encode_captions(bundle, folder, indices, resolution: int, batch_size: int = 32) -> torch.Tensor:
+    """The UNet conditions of images `indices` of `folder` (encode_prompts of their captions); for SDXL with each
+    image's own time ids: its original size and centre-crop corner as `load_image` crops it, the training size."""
+    time_ids = None
+    if getattr(bundle, "is_sdxl", False):
+        rows = [(*folder.size_and_crop(i, resolution), resolution, resolution) for i in indices]
+        time_ids = torch.tensor(rows, dtype=torch.float32)
+    return encode_prompts(bundle, [folder.captions[i] for i in indices], batch_size, resolution=resolution,
+                          time_ids=time_ids)
 
 
 def _encode_to_disk(bundle, folder, resolution, cache_dir, batch_size, shard_size, progress, components, fingerprint):
@@ -387,7 +392,6 @@ def _encode_to_disk(bundle, folder, resolution, cache_dir, batch_size, shard_siz
     vae = bundle.vae
     param = next(vae.parameters())
     encode_dtype = _encode_dtype(vae)
-    sdxl = getattr(bundle, "is_sdxl", False)
     n = len(folder)
     shards = []
     latent_shape = text_shape = None
@@ -408,9 +412,7 @@ def _encode_to_disk(bundle, folder, resolution, cache_dir, batch_size, shard_siz
                     posterior = vae.encode(images.to(device=param.device, dtype=encode_dtype)).latent_dist
                     means.append(posterior.mean.to(param.dtype).cpu())
                     stds.append(posterior.std.to(param.dtype).cpu())
-                row_ids = _row_time_ids(folder, indices, resolution) if sdxl else None
-                texts.append(encode_prompts(bundle, [folder.captions[i] for i in indices], batch_size,
-                                            resolution=resolution, time_ids=row_ids).cpu())
+                texts.append(encode_captions(bundle, folder, indices, resolution, batch_size).cpu())
                 bar.update(len(indices))
             tensors = {
                 "latent_mean": torch.cat(means).contiguous(),

@@ -9,6 +9,8 @@ text encoders whose penultimate states sit side by side (2048 channels), the sec
 """
 from __future__ import annotations
 
+import contextlib
+
 from ..errors import SafepruneError
 
 ARCHITECTURES = ("sd15", "sd21", "sdxl")
@@ -95,25 +97,17 @@ def build_unet(architecture: str, seed: int = 0, dtype=None):
         return UNet2DConditionModel(**unet_config(architecture))
 
 
+@contextlib.contextmanager
 def created_in(dtype):
     """A context in which new floating-point parameters are created in `dtype` (None: leave the default)."""
-    import contextlib
-
     import torch
 
-    if dtype is None:
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def default_dtype():
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            yield
-        finally:
-            torch.set_default_dtype(previous)
-
-    return default_dtype()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or previous)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def build_pipeline(architecture: str, seed: int = 0, unet=None, dtype=None, text_layers: int | None = None):

@@ -107,7 +107,7 @@ def calibration_batches(teacher, folder, resolution: int, batches: int, batch_si
     encoder (no cache is written). Images are a seeded random subset, reused cyclically when the folder is
     small; z_t = add_noise(z0, eps, t) at uniform t, target eps or v by the teacher's prediction type.
     """
-    from ..data.cache import _row_time_ids, encode_prompts
+    from ..data.cache import encode_captions
     from ..data.imagefolder import ImageFolder
 
     if not isinstance(folder, ImageFolder):
@@ -134,9 +134,7 @@ def calibration_batches(teacher, folder, resolution: int, batches: int, batch_si
         noise = torch.randn(z0.shape, generator=generator).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator).to(device)
         target = scheduler.get_velocity(z0, noise, t) if teacher.prediction_type == "v_prediction" else noise
-        ids = _row_time_ids(folder, index, resolution) if getattr(teacher, "is_sdxl", False) else None
-        text = encode_prompts(teacher, [folder.captions[i] for i in index], resolution=resolution,
-                              time_ids=ids).to(device)
+        text = encode_captions(teacher, folder, index, resolution).to(device)
         out.append(CalibrationBatch(latents=scheduler.add_noise(z0, noise, t), timesteps=t, text_emb=text,
                                     target=target))
     return out

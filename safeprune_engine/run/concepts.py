@@ -17,18 +17,21 @@ def encode_concept_prompts(config: RunConfig, teacher, data_captions: list[str] 
     from ..unlearn.base import ConceptPrompts
     from ..unlearn.sources import anchor_for
 
+    def encode(texts):  # at the training resolution: SDXL's time ids of prompts without an image
+        return encode_prompts(teacher, texts, resolution=config.resolution)
+
     prompts = list(config.erase_prompts or config.erase)
     resolved = [anchor_for(p, config.erase, config.anchors) for p in prompts]
-    concept_emb = encode_prompts(teacher, prompts, resolution=config.resolution)
+    concept_emb = encode(prompts)
     preserve = list(config.preserve)
     if config.preserve_from_data and data_captions:
         preserve += nearest_captions(teacher, data_captions, concept_emb, config.erase, config.preserve_from_data,
                                      seed=config.seed)
     return ConceptPrompts(
         concepts=list(config.erase), prompts=prompts, anchors=[a for _, a in resolved],
-        concept_emb=concept_emb, anchor_emb=encode_prompts(teacher, [a for _, a in resolved], resolution=config.resolution),
+        concept_emb=concept_emb, anchor_emb=encode([a for _, a in resolved]),
         prompt_concept=torch.tensor([i for i, _ in resolved], dtype=torch.long),
-        preserve=preserve, preserve_emb=encode_prompts(teacher, preserve, resolution=config.resolution),
+        preserve=preserve, preserve_emb=encode(preserve),
     )
 
 

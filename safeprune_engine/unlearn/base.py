@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.conditioning import unet_kwargs
 from ..registry import Registry
 
 OBJECTIVES: Registry = Registry("erase method", discover="safeprune_engine.unlearn",
@@ -126,8 +125,7 @@ class UnlearnObjective(abc.ABC):
             batch = engine.concepts.sample(engine.config.effective_concept_batch_size, generator, concept=concept)
             teacher = engine.teacher_pass(None, batch, features=False, model=reference)
             with engine.autocast():
-                prediction = engine.student(batch.latents, batch.timesteps,
-                                            **unet_kwargs(engine.student, batch.conditions["concept"])).sample
+                prediction = engine.student_forward(batch.latents, batch.timesteps, batch.conditions["concept"])
             total += float(self.loss(prediction, teacher.concept_predictions, batch))
         return total / batches
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from ..errors import SafepruneError
-from ..models.conditioning import unet_kwargs
 from .base import OBJECTIVES, UnlearnObjective
 
 
@@ -27,8 +26,7 @@ def saliency_masks(engine, objective: UnlearnObjective, fraction: float, batches
         batch = engine.concepts.sample(engine.config.effective_concept_batch_size, generator)
         teacher = engine.teacher_pass(None, batch, features=False)
         with engine.autocast():
-            prediction = engine.student(batch.latents, batch.timesteps,
-                                        **unet_kwargs(engine.student, batch.conditions["concept"])).sample
+            prediction = engine.student_forward(batch.latents, batch.timesteps, batch.conditions["concept"])
         loss = objective.loss(prediction, teacher.concept_predictions, batch)
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         for name, grad in zip(params, grads):
