@@ -16,7 +16,8 @@ then evaluates them and the teacher with the world's prompt set and judge, and c
     python benchmarks/validate_defaults.py --worlds glyphs --jobs 2 quality_tolerance=0.1
 
 Cells run as subprocesses (--jobs at a time, one torch thread each) and are kept under --work: a rerun reuses
-finished cells with the same settings. Results: benchmarks/results/validation/<name>.json and .md, and an HTML
+finished cells with the same settings and the same world teacher (a cell trained against an older teacher is
+started afresh). Results: benchmarks/results/validation/<name>.json and .md, and an HTML
 page with every cell's trade-off panels.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -49,6 +51,20 @@ def settings_key(overrides: dict, steps: int | None) -> str:
                           ).hexdigest()[:12]
 
 
+def teacher_digest(world_name: str) -> str:
+    """The world's shipped teacher UNet weights, hashed: a cell trained against another teacher (a rebuilt world) is
+    not reused."""
+    from safeprune_engine.toy.teacher import toy_teacher_path
+
+    weights = toy_teacher_path(world_name) / "unet" / "diffusion_pytorch_model.safetensors"
+    return hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+
+
+def reusable(path: Path, world_name: str) -> bool:
+    """A finished cell of the same settings, trained against the world's current teacher."""
+    return path.is_file() and json.loads(path.read_text()).get("teacher_digest") == teacher_digest(world_name)
+
+
 def run_cell(world_name: str, ratio: float, seed: int, overrides: dict, steps: int | None, work: Path,
              samples: int) -> dict:
     """Train the three students of one cell and evaluate them (and the teacher); returns the cell's record."""
@@ -66,6 +82,12 @@ def run_cell(world_name: str, ratio: float, seed: int, overrides: dict, steps: i
     torch.set_num_threads(1)
     world = get_world(world_name)
     root = work / cell_name(world_name, ratio, seed)
+    marker, digest = root / "teacher_digest", teacher_digest(world_name)
+    if root.is_dir() and (not marker.is_file() or marker.read_text() != digest):
+        print(f"{root}: trained against another {world_name} teacher; starting the cell afresh", flush=True)
+        shutil.rmtree(root)  # its students, data cache and trajectories belong to the old teacher
+    root.mkdir(parents=True, exist_ok=True)
+    marker.write_text(digest)
     explicit = {"prune_ratio", "seed", *overrides} | ({"steps"} if steps else set())
     fields = dict(prune_ratio=ratio, seed=seed, progress=False, **overrides, **({"steps": steps} if steps else {}))
     shared = toy_defaults(RunConfig(out=str(root), **fields), explicit=set(explicit), world=world)
@@ -99,7 +121,8 @@ def run_cell(world_name: str, ratio: float, seed: int, overrides: dict, steps: i
     points = [p.to_dict() for p in result.points]
     for point in points:
         point["label"] = point["label"].replace(str(root) + "/", "")
-    return {"world": world_name, "prune_ratio": ratio, "seed": seed, "overrides": overrides,
+    return {"world": world_name, "teacher_digest": teacher_digest(world_name), "prune_ratio": ratio, "seed": seed,
+            "overrides": overrides,
             "bilevel_strength": describe_run(root / "bilevel")[1], "train_seconds": seconds,
             "params": {"before": report.params_before, "after": report.params_after},
             "teacher": result.references[0].metrics, "distill-only": result.references[1].metrics,
@@ -185,7 +208,7 @@ def main() -> None:
         return
 
     cells = [(w, r, s) for w in args.worlds for r in args.ratios for s in args.seeds]
-    pending = [c for c in cells if not (work / f"{cell_name(*c)}.json").is_file()]
+    pending = [c for c in cells if not reusable(work / f"{cell_name(*c)}.json", c[0])]
     work.mkdir(parents=True, exist_ok=True)
     running: list[tuple[subprocess.Popen, tuple]] = []
     started = time.perf_counter()
