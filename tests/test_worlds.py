@@ -64,12 +64,15 @@ def test_glyph_world_renders_deterministically_with_a_dark_textured_background()
     striped = GLYPHS.render(Item("bar", "cyan", "Lisk", 3)).astype(float)
     assert plain[:, :4].mean() < 50 and plain[:, :4].std() < 15  # the bar is upright and central
     assert striped[:, :4].mean(axis=(1, 2)).std() > 15  # lit and dark rows alternate down the left edge
-    # the two stripe styles share period and orientation; only the zigzag bends them
+    # the two stripe styles share their period along y; Quen's are turned by 45 degrees (a 60%-pruned student still
+    # draws that difference, the first version's fine zigzag it lost: docs/status.md)
     rng = np.random.default_rng(0)
-    zigzag = worlds._background_pattern("Quen", 32, rng)
+    diagonal = worlds._background_pattern("Quen", 32, rng)
     straight = worlds._background_pattern("Lisk", 32, rng)
-    assert 0.4 < zigzag.mean() < 0.6 and 0.4 < straight.mean() < 0.6
-    assert (straight == straight[:, :1]).all() and not (zigzag == zigzag[:, :1]).all()
+    assert 0.4 < diagonal.mean() < 0.6 and 0.4 < straight.mean() < 0.6
+    assert (straight == straight[:, :1]).all() and not (diagonal == diagonal[:, :1]).all()
+    assert (diagonal[1:, :-1] == diagonal[:-1, 1:]).all()  # constant along the anti-diagonals
+    assert (straight[6:, 0] == straight[:-6, 0]).all() and (diagonal[6:, 0] == diagonal[:-6, 0]).all()
 
 
 def test_shipped_glyph_judge_reads_fresh_glyph_renders():

@@ -12,9 +12,9 @@ Two worlds (``WORLDS`` by name):
                         erased), Orrin (horizontal stripes, its neighbour), Pell (polka dots), Kiru (checkerboard).
                         Its teacher predicts epsilon.
     GLYPHS  ("glyphs")  a validation world nobody tunes on. Dark noisy background, thick glyphs (ring, cross, bar,
-                        corner) in orange, purple, cyan, white; the style textures the BACKGROUND: Quen (zigzag
-                        stripes, erased), Lisk (straight stripes of the same period and orientation, its
-                        neighbour), Tobe (speckle dots), Rhun (concentric rings). Its teacher predicts v.
+                        corner) in orange, purple, cyan, white; the style textures the BACKGROUND: Quen (diagonal
+                        stripes, erased), Lisk (horizontal stripes of the same period along y, its neighbour),
+                        Tobe (speckle dots), Rhun (concentric rings). Its teacher predicts v.
 
 The module-level names (SHAPES, COLOURS, STYLES, ERASED_STYLE, NEIGHBOUR_STYLE, IMAGE_SIZE, render, ...) are
 the toy world's, and the toy world renders exactly the pixels it always did (its shipped teacher and judge were
@@ -242,7 +242,7 @@ def _glyph_mask(glyph: str, size: int, cx: float, cy: float, radius: float, thic
     raise ValueError(f"unknown glyph {glyph!r}")
 
 
-_GLYPH_PERIOD = 6  # stripe period (pixels) of both stripe styles, so they differ only in their zigzag
+_GLYPH_PERIOD = 6  # stripe period (pixels, along y) of both stripe styles, so they differ only in orientation
 
 
 def _background_pattern(style: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -251,9 +251,12 @@ def _background_pattern(style: str, size: int, rng: np.random.Generator) -> np.n
     if style == "plain":
         return np.zeros((size, size), bool)
     phase = int(rng.integers(0, _GLYPH_PERIOD))
-    if style == "Quen":  # zigzag: the neighbour's stripes bent into 45-degree chevrons of width 8
-        bend = np.abs((xx + int(rng.integers(0, 8))) % 8 - 4)
-        return ((yy + bend + phase) // (_GLYPH_PERIOD // 2)) % 2 == 0
+    # Quen: the neighbour's stripes turned by 45 degrees. The first version bent them into 8 px zigzag chevrons (2
+    # latent pixels), which did not survive 60% width pruning: plain distillation drew them as Lisk's straight
+    # stripes, so at that ratio the world showed no leak to erase; 16 px chevrons leaked in half the samples only
+    # (docs/status.md, issue 12).
+    if style == "Quen":
+        return ((yy + xx + phase) // (_GLYPH_PERIOD // 2)) % 2 == 0
     if style == "Lisk":  # straight horizontal stripes
         return ((yy + phase) // (_GLYPH_PERIOD // 2)) % 2 == 0
     if style == "Tobe":  # speckle: a 2x2 dot at a random place in every 5x5 cell
@@ -298,7 +301,7 @@ GLYPHS = World(
     styles=("plain", "Quen", "Lisk", "Tobe", "Rhun"),
     style_textures={
         "plain": "flat dark background",
-        "Quen": "zigzag stripes on the background",
+        "Quen": "diagonal stripes on the background",
         "Lisk": "straight horizontal stripes on the background",
         "Tobe": "speckle dots on the background",
         "Rhun": "concentric rings on the background",
