@@ -7,6 +7,9 @@ Variants (same batch size, seed, teacher, pruned student and images for all; our
       targets come from the concept pool cached before training, so the teacher runs the data rows only) timed
       separately and amortised over a period of P steps (P-1 lower + 1 outer), with --kernels (default auto);
   (k) (b) with --kernels off: what the fused ops buy;
+  (d) ours, solver "bilevel" with every shipped default (the constraint form: each step is a student step on
+      L_cu + lambda L_ft plus a value-model step on L_ft; esd on every weight): one step, what a default run pays
+      per step against (a);
   (c) benchmarks/reference_step.py: VAE and text encoder every step, a separate fp32 teacher forward per loss,
       hooks that keep whole block-output tuples, AdamW, and every P-th iteration an upper step with a second AdamW.
 
@@ -18,7 +21,8 @@ rerun (--retries) and flagged: with more runnable threads than cores, CPU step t
 process per variant does both (allocator peak from torch.cuda.max_memory_allocated).
 Reports median step times, peak memory and the memory held between steps (steady), FLOPs per step
 (torch.utils.flop_counter) and the ratios below, and writes benchmarks/results/step-<cpu|cuda>.json. Targets:
-(c)/(b) time >= 1.5 and peak memory >= 1.5; (k)/(b) time >= 1.15; (b)/(a) time <= 1.1.
+(c)/(b) time >= 1.5 and peak memory >= 1.5; (k)/(b) time >= 1.15; (b)/(a) time <= 1.1. (d)/(a) and (c)/(d) are
+reported without a target.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step.py                       # CPU: mini-SD, batch 2, 128 px
     HF_HUB_OFFLINE=1 python benchmarks/step.py --preset sd15 --batch-size 16  # GPU: SD-1.5 shapes at 512 px
@@ -50,11 +54,12 @@ CONCEPT = "by monet"
 COLOURS = ("red", "green", "blue", "yellow")
 DATA_CAPTIONS = [f"a {c} square" for c in COLOURS] + [f"a {c} square on a dark background" for c in COLOURS]
 CONCEPT_CAPTIONS = [f"a {c} square {CONCEPT}" for c in COLOURS]
-VARIANTS = ("a", "b", "k", "c", "e", "j")
+VARIANTS = ("a", "b", "k", "c", "e", "j", "d")
 LABELS = {"a": "(a) ours distill-only", "b": "(b) ours interleaved", "k": "(k) ours interleaved, --kernels off",
           "c": "(c) reference-style", "e": "(e) ours bilevel, esd (whole student)",
-          "j": "(j) (e) with --bilevel-joint-forward"}
+          "j": "(j) (e) with --bilevel-joint-forward", "d": "(d) ours bilevel, shipped defaults"}
 BILEVEL_VARIANTS = ("b", "k", "e", "j")
+SINGLE_STEP_VARIANTS = ("a", "d")  # every step alike: one step kind, no period
 PAPER_INNER_STEPS = 20  # K in the paper: 20 lower steps per outer step, a period of 21
 MEMORY_STEPS = 2  # steps of each kind in the memory pass that precedes timing
 CONTENDED_CPUS = 0.15  # other processes' CPU use beyond the cores we leave free that flags CPU timings
@@ -97,8 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="v_prediction as SD 2.1 in the paper's setup")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--variants", default="a,b,k,c",
-                   help="comma list of a, b, k, c, e, j (e, j: the upper level on every weight, two student passes "
+    p.add_argument("--variants", default="a,b,k,c,d",
+                   help="comma list of a, b, k, c, d, e, j (d: the shipped bilevel defaults; e, j: the upper level on "
+                        "every weight, two student passes "
                         "vs one joint forward on outer steps)")
     p.add_argument("--kernels", default="auto", choices=("auto", "off", "cpp", "triton", "cuda"),
                    help="our engine's --kernels for (a) and (b); (k) is (b) with --kernels off")
@@ -313,6 +319,13 @@ def run_worker(args) -> None:
     elif args.worker == "a":
         engine, solver = build_ours(args, bundle, student, device, workdir, "distill-only", args.kernels)
         kinds = {"step": checked(lambda: solver.step(0))}
+    elif args.worker == "d":  # every step is the same: student step (L_cu + lambda L_ft) and value-model step
+        from safeprune_engine.config import RunConfig
+
+        shipped = RunConfig()
+        engine, solver = build_ours(args, bundle, student, device, workdir, "bilevel", args.kernels,
+                                    erase_method=shipped.erase_method, bilevel_inner_steps=shipped.bilevel_inner_steps)
+        kinds = {"step": checked(lambda: solver.step(0))}
     else:
         kernels = "off" if args.worker == "k" else args.kernels
         # e / j: the joint forward is a bilevel (penalty form) option, whose every step is a full outer step
@@ -444,7 +457,7 @@ def summarise(args, results: dict) -> dict:
         entry = {"times_s": t, "cpu_times_s": c, "timing_detail": r["times"], "memory": r["memory"],
                  "memory_primary_bytes": harness.primary_memory(r["memory"]), "flops": r["flops"], "info": r["info"],
                  "other_processes_cpus": r.get("other_processes_cpus"), "parts_s": r.get("parts_s", {})}
-        if v == "a":
+        if v in SINGLE_STEP_VARIANTS:
             entry["step_s"], entry["step_cpu_s"] = t["step"], c["step"]
             if r["flops"]:
                 entry["step_flops"] = r["flops"]["step"]
@@ -508,6 +521,14 @@ def summarise(args, results: dict) -> dict:
             ratios["b_over_a_deviation_from_flops"] = deviation
             targets["b_over_a_vs_flops"] = {"target": "within 10% of the FLOP prediction", "value": deviation,
                                             "met": abs(deviation) <= 0.10}
+    if "d" in V and "a" in V:
+        ratios["d_over_a_time"] = V["d"]["step_s"] / V["a"]["step_s"]
+        ratios["d_over_a_memory"] = V["d"]["memory_primary_bytes"] / V["a"]["memory_primary_bytes"]
+        if "step_flops" in V["a"] and "step_flops" in V["d"]:
+            ratios["d_over_a_flops"] = V["d"]["step_flops"] / V["a"]["step_flops"]
+    if "d" in V and "c" in V:
+        ratios["c_over_d_time"] = V["c"]["amortised_s"][key] / V["d"]["step_s"]
+        ratios["c_over_d_memory"] = V["c"]["memory_primary_bytes"] / V["d"]["memory_primary_bytes"]
     return summary
 
 
@@ -548,6 +569,8 @@ def print_report(args, meta: dict, summary: dict) -> None:
 
     if "a" in V:
         row(LABELS["a"] + " step", V["a"]["step_s"], V["a"].get("step_flops"), V["a"]["memory"])
+    if "d" in V:
+        row(LABELS["d"] + " step", V["d"]["step_s"], V["d"].get("step_flops"), V["d"]["memory"])
     for v in ("b", "k", "e", "j", "c"):
         if v not in V:
             continue
@@ -587,6 +610,12 @@ def print_report(args, meta: dict, summary: dict) -> None:
         if not cuda and "c_over_b_memory_peak_above_baseline" in R:
             ratio_row("(c)/(b) peak memory (models + training)", R["c_over_b_memory_peak_above_baseline"])
             ratio_row("(c)/(b) peak memory (absolute RSS)", R["c_over_b_memory_peak"])
+    if "d_over_a_time" in R:
+        ratio_row("(d)/(a) time: a default bilevel step", R["d_over_a_time"], R.get("d_over_a_flops"))
+        ratio_row("(d)/(a) peak memory", R["d_over_a_memory"])
+    if "c_over_d_time" in R:
+        ratio_row(f"(c)/(d) time, (c) amortised P={P}", R["c_over_d_time"])
+        ratio_row("(c)/(d) peak memory", R["c_over_d_memory"])
     if "e_over_j_time" in R:
         ratio_row("(e)/(j) outer step time: joint forward speed-up", R["e_over_j_time_outer"])
         ratio_row(f"(e)/(j) time, P={P}", R["e_over_j_time"])
