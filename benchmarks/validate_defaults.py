@@ -121,8 +121,7 @@ def run_cell(world_name: str, ratio: float, seed: int, overrides: dict, steps: i
     points = [p.to_dict() for p in result.points]
     for point in points:
         point["label"] = point["label"].replace(str(root) + "/", "")
-    return {"world": world_name, "teacher_digest": teacher_digest(world_name), "prune_ratio": ratio, "seed": seed,
-            "overrides": overrides,
+    return {"world": world_name, "teacher_digest": digest, "prune_ratio": ratio, "seed": seed, "overrides": overrides,
             "bilevel_strength": describe_run(root / "bilevel")[1], "train_seconds": seconds,
             "params": {"before": report.params_before, "after": report.params_after},
             "teacher": result.references[0].metrics, "distill-only": result.references[1].metrics,
