@@ -8,8 +8,9 @@ Variants (same batch size, seed, teacher, pruned student and images for all; our
       separately and amortised over a period of P steps (P-1 lower + 1 outer), with --kernels (default auto);
   (k) (b) with --kernels off: what the fused ops buy;
   (d) ours, solver "bilevel" with every shipped default (the constraint form: each step is a student step on
-      L_cu + lambda L_ft plus a value-model step on L_ft; esd on every weight): one step, what a default run pays
-      per step against (a);
+      L_cu + lambda L_ft plus a value-model step on L_ft, and every 10th step first checks the multiplier on a
+      probe set; esd on every weight): a plain step and a checking step, amortised, what a default run pays per
+      step against (a);
   (c) benchmarks/reference_step.py: VAE and text encoder every step, a separate fp32 teacher forward per loss,
       hooks that keep whole block-output tuples, AdamW, and every P-th iteration an upper step with a second AdamW.
 
@@ -103,8 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--variants", default="a,b,k,c,d",
                    help="comma list of a, b, k, c, d, e, j (d: the shipped bilevel defaults; e, j: the upper level on "
-                        "every weight, two student passes "
-                        "vs one joint forward on outer steps)")
+                        "every weight, two student passes vs one joint forward on outer steps)")
     p.add_argument("--kernels", default="auto", choices=("auto", "off", "cpp", "triton", "cuda"),
                    help="our engine's --kernels for (a) and (b); (k) is (b) with --kernels off")
     p.add_argument("--quick", action="store_true",
@@ -355,10 +355,13 @@ def run_worker(args) -> None:
             result["memory"] = {**probe.read(), "exact_heap": exact,
                                 "steady_above_setup_bytes": None if None in steady else max(steady)}
         if args.worker != "c":  # what each of our optimizers holds (bytes of state tensors)
+            optimizers = dict(solver.optimizers)
+            if getattr(solver, "value_model", None) is not None:  # the constraint form's, kept outside .optimizers
+                optimizers["value"] = solver.value_optimizer
             result["memory"]["optimizer_state_bytes"] = {
                 name: sum(t.numel() * t.element_size() for state in optimizer.state.values()
                           for t in state.values() if isinstance(t, torch.Tensor))
-                for name, optimizer in solver.optimizers.items()}
+                for name, optimizer in optimizers.items()}
     if args.phase in ("time", "both"):
         # glibc's default allocator behaviour here: the pinned thresholds `exact_heap` leaves behind change CPU
         # step times by +-10%, which is why CPU runs measure memory and time in separate processes

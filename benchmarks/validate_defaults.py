@@ -23,6 +23,7 @@ page with every cell's trade-off panels.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import shutil
@@ -51,6 +52,7 @@ def settings_key(overrides: dict, steps: int | None) -> str:
                           ).hexdigest()[:12]
 
 
+@functools.lru_cache(maxsize=None)
 def teacher_digest(world_name: str) -> str:
     """The world's shipped teacher UNet weights, hashed: a cell trained against another teacher (a rebuilt world) is
     not reused."""
