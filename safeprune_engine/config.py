@@ -36,6 +36,8 @@ IDENTITY_FIELDS = (
     "use_8bit_adam", "outer_optimizer", "teacher_int8", "teacher_dtype", "concept_targets", "concept_target_pool",
 )
 LAUNCHERS = ("deepspeed", "torchrun")
+ESD_ETA = 1.0  # ESD's published negative-guidance strength (two-stage, interleaved, alternating)
+BILEVEL_ETA = 0.5  # bilevel's: see the eta field
 ZERO_STAGES = (0, 1, 2, 3)
 TEACHER_DTYPES = ("fp32", "bf16", "fp16")
 
@@ -115,7 +117,12 @@ class RunConfig:
     # not erase within the quality tolerance, and ESD-x's cross-attention edits spilled over to other prompts
     erase_method: str = setting("esd", "erasing objective: esd (every weight) | esd-u | esd-x | "
                                 "concept-ablation-model | concept-ablation-noise | uce | salun (or a plug-in's name)")
-    eta: float = setting(1.0, "ESD negative-guidance strength")
+    # Bilevel erases in every student step, alongside distillation, and guided sampling multiplies whatever the
+    # erasing moved in the (conditional - unconditional) difference: at 1.0 the glyph world's purple "... by Quen"
+    # prompts were drawn orange (content 0.91-0.94); at 0.5 every validation cell met every target (docs/status.md,
+    # issue 12). Two-stage erases after distillation, as ESD does, and keeps ESD's published 1.0.
+    eta: float | None = setting(None, "ESD negative-guidance strength", unset="0.5 with --method bilevel, 1.0 "
+                                "(ESD's own) with the other methods")
     bilevel_lambda: float = setting(1.0, "bilevel: lambda, the weight of the fine-tuning loss in every student step "
                                     "(d L_cu + lambda d L_ft), fixed with --quality-tolerance none, else where the "
                                     "multiplier starts; interleaved: the weight of L_ft in the outer step")
@@ -220,6 +227,12 @@ class RunConfig:
     @property
     def effective_lr_upper(self) -> float:
         return self.lr_upper if self.lr_upper is not None else 5.0 * self.lr
+
+    @property
+    def effective_eta(self) -> float:
+        if self.eta is not None:
+            return self.eta
+        return BILEVEL_ETA if self.method == "bilevel" else ESD_ETA
 
     @property
     def effective_outer_optimizer(self) -> str:
@@ -363,6 +376,9 @@ class RunConfig:
         for step in self.snapshot_steps:
             if not 1 <= step <= self.steps:
                 raise SafepruneError(f"--snapshot-steps {step} is not a step of this run (1..{self.steps})")
+        if self.eta is not None and self.eta < 0:  # 0 maps the concept onto its anchor; < 0 would guide towards it
+            raise SafepruneError(f"--eta must be >= 0 (the strength of the guidance away from the concept), "
+                                 f"got {self.eta}")
         if self.lr <= 0 or (self.lr_upper is not None and self.lr_upper <= 0):
             raise SafepruneError("learning rates must be positive")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):

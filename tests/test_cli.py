@@ -166,6 +166,7 @@ def test_bad_data_folder(world, tmp_path, capsys, problem):
     ("--prune-ratio", "1.0", "(0, 1)"),
     ("--prune-ratio", "-0.5", "(0, 1)"),
     ("--method", "three-stage", "unknown method"),
+    ("--eta", "-1", "--eta must be >= 0"),
 ])
 def test_bad_values(world, tmp_path, capsys, flag, value, expected):
     args = run_args(world, tmp_path / "out")

@@ -140,7 +140,7 @@ def test_esd_target_and_parameter_sets():
              "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.weight", "conv_in.weight"]
 
     class Cfg:
-        eta = 1.0
+        effective_eta = 1.0
 
     assert [ESDCrossAttention(Cfg).trainable(n) for n in names] == [True, False, False]
     assert [ESDUnconditional(Cfg).trainable(n) for n in names] == [False, True, True]
@@ -149,3 +149,22 @@ def test_esd_target_and_parameter_sets():
     # target with eta=1: [1 - 2, 1] = [-1, 1] -> mse = 1
     assert loss.item() == pytest.approx(1.0)
     assert not math.isnan(loss.item())
+
+
+@pytest.mark.parametrize("settings,eta", [
+    ({}, 0.5),  # bilevel erases alongside distillation in every step: half ESD's strength (docs/status.md)
+    ({"method": "two-stage"}, 1.0),  # erasing after distillation, as ESD does: ESD's own strength
+    ({"method": "interleaved"}, 1.0),
+    ({"eta": 2.0}, 2.0),
+    ({"method": "two-stage", "eta": 0.25}, 0.25),
+])
+def test_esd_objective_uses_the_method_default_eta_unless_given(settings, eta):
+    from safeprune_engine.config import RunConfig
+    from safeprune_engine.unlearn.base import build_objective
+
+    objective = build_objective(RunConfig(erase_method="esd", **settings))
+    concept, anchor = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    student = torch.randn(2, 4, 8, 8)
+    expected = torch.nn.functional.mse_loss(student, anchor - eta * (concept - anchor))
+    loss = objective.loss(student, {"concept": concept, "anchor": anchor})
+    torch.testing.assert_close(loss, expected)

@@ -101,6 +101,10 @@ def write_run(path: Path, **settings) -> Path:
     ({"method": "two-stage", "lr": 1e-4}, ("two-stage", "2 erase steps, lr_upper 0.0005")),
     ({"method": "two-stage", "two_stage_erase_steps": 3, "lr_upper": 0.01, "eta": 2.0},
      ("two-stage", "3 erase steps, lr_upper 0.01, eta 2")),
+    ({"eta": 0.5}, ("bilevel", "tol 0.1")),  # bilevel's own default eta, given explicitly: no change
+    ({"eta": 1.0}, ("bilevel", "tol 0.1, eta 1")),
+    ({"method": "two-stage", "lr": 1e-4, "eta": 1.0}, ("two-stage", "2 erase steps, lr_upper 0.0005")),
+    ({"method": "two-stage", "lr": 1e-4, "eta": 0.5}, ("two-stage", "2 erase steps, lr_upper 0.0005, eta 0.5")),
     ({"method": "distill-only", "erase": []}, ("distill-only", "no erasing")),
     ({"erase_method": "esd-x", "bilevel_lambda": 10.0, "quality_tolerance": None}, ("bilevel", "lambda 10, esd-x")),
 ])

@@ -318,9 +318,12 @@ def describe_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[s
         return config.method, "no erasing" + (f" at step {step}" if step is not None else "")
     else:
         parts = []
+    default = default.replace(method=config.method)  # e.g. eta's default depends on the method
     for name in STRENGTH_FIELDS:
-        value = getattr(config, name)
-        if name not in shown and value != getattr(default, name):
+        value, stock = getattr(config, name), getattr(default, name)
+        if name == "eta":  # an --eta equal to the method's default is no change of strength
+            value, stock = config.effective_eta, default.effective_eta
+        if name not in shown and value != stock:
             parts.append(str(value) if name == "erase_method" else f"{name} {value:g}" if isinstance(
                 value, float) else f"{name} {value}")
     text = ", ".join(parts)

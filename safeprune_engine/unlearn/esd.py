@@ -23,7 +23,8 @@ class _ESD(UnlearnObjective):
     latents = "noisy"
 
     def loss(self, student_prediction, teacher_predictions, batch=None):
-        target = esd_target(teacher_predictions["concept"], teacher_predictions["anchor"], self.config.eta)
+        target = esd_target(teacher_predictions["concept"], teacher_predictions["anchor"],
+                            self.config.effective_eta)
         return F.mse_loss(student_prediction.float(), target)
 
 
