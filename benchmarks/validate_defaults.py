@@ -14,6 +14,12 @@ then evaluates them and the teacher with the world's prompt set and judge, and c
 
     python benchmarks/validate_defaults.py                       # toy and glyphs, ratios 0.3 / 0.6, seeds 0 / 1
     python benchmarks/validate_defaults.py --worlds glyphs --jobs 2 quality_tolerance=0.1
+    python benchmarks/validate_defaults.py --worlds toy:Kiru/Pell glyphs:Rhun/Lisk --name held-out
+
+A world may name another erase task as WORLD:ERASED/NEIGHBOUR: the same teacher and judge (trained on every
+style), but another style is erased (and left out of the fine-tuning split) and another one is its neighbour. That
+gives held-out tasks without training a teacher: settings chosen on one task are checked on styles of other image
+statistics (checkerboard, concentric rings) that no default was chosen on.
 
 Cells run as subprocesses (--jobs at a time, one torch thread each) and are kept under --work: a rerun reuses
 finished cells with the same settings and the same world teacher (a cell trained against an older teacher is
@@ -38,7 +44,30 @@ RETAINED = ("erased_content_accuracy", "neighbour_rate", "unrelated_accuracy")
 
 
 def cell_name(world: str, ratio: float, seed: int) -> str:
-    return f"{world}-r{ratio:g}-s{seed}"
+    return f"{world.replace(':', '-').replace('/', '-')}-r{ratio:g}-s{seed}"
+
+
+def task_world(spec: str):
+    """The World of a --worlds entry: WORLD, or WORLD:ERASED/NEIGHBOUR (that world with another erase task)."""
+    import dataclasses
+
+    from safeprune_engine.errors import SafepruneError
+    from safeprune_engine.toy.world import get_world
+
+    name, _, task = spec.partition(":")
+    try:
+        world = get_world(name)
+    except SafepruneError as error:
+        raise SystemExit(f"--worlds {spec!r}: {error}") from None
+    if not task:
+        return world
+    erased, _, neighbour = task.partition("/")
+    if not neighbour:
+        raise SystemExit(f"--worlds {spec!r}: write WORLD:ERASED/NEIGHBOUR, e.g. toy:Kiru/Pell")
+    try:  # World checks that both are artist styles of that world
+        return dataclasses.replace(world, erased_style=erased, neighbour_style=neighbour)
+    except ValueError as error:
+        raise SystemExit(f"--worlds {spec!r}: {error}") from None
 
 
 def settings_key(overrides: dict, steps: int | None) -> str:
@@ -58,7 +87,7 @@ def teacher_digest(world_name: str) -> str:
     not reused."""
     from safeprune_engine.toy.teacher import toy_teacher_path
 
-    weights = toy_teacher_path(world_name) / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = toy_teacher_path(world_name.partition(":")[0]) / "unet" / "diffusion_pytorch_model.safetensors"
     return hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
 
 
@@ -79,10 +108,9 @@ def run_cell(world_name: str, ratio: float, seed: int, overrides: dict, steps: i
     from safeprune_engine.run import train
     from safeprune_engine.toy.default_run import materialize_toy_data, toy_defaults, two_stage_snapshot_steps
     from safeprune_engine.toy.prompts import toy_prompts
-    from safeprune_engine.toy.world import get_world
 
     torch.set_num_threads(1)
-    world = get_world(world_name)
+    world = task_world(world_name)
     root = work / cell_name(world_name, ratio, seed)
     marker, digest = root / "teacher_digest", teacher_digest(world_name)
     if root.is_dir() and (not marker.is_file() or marker.read_text() != digest):
@@ -123,7 +151,8 @@ def run_cell(world_name: str, ratio: float, seed: int, overrides: dict, steps: i
     points = [p.to_dict() for p in result.points]
     for point in points:
         point["label"] = point["label"].replace(str(root) + "/", "")
-    return {"world": world_name, "teacher_digest": digest, "prune_ratio": ratio, "seed": seed, "overrides": overrides,
+    return {"world": world_name, "erased_style": world.erased_style, "neighbour_style": world.neighbour_style,
+            "teacher_digest": digest, "prune_ratio": ratio, "seed": seed, "overrides": overrides,
             "bilevel_strength": describe_run(root / "bilevel")[1], "train_seconds": seconds,
             "params": {"before": report.params_before, "after": report.params_after},
             "teacher": result.references[0].metrics, "distill-only": result.references[1].metrics,
@@ -157,7 +186,10 @@ def summary_markdown(cells: list[dict], title: str) -> str:
     heads = ("erased rate", "content", "neighbour", "unrelated", "FD")
     lines = [f"# {title}", ""]
     for world in dict.fromkeys(c["world"] for c in cells):
-        lines += [f"## world: {world}", "", "| ratio | seed | model | " + " | ".join(heads) + " | targets met |",
+        first = next(c for c in cells if c["world"] == world)
+        task = f" (erased {first['erased_style']}, neighbour {first['neighbour_style']})" if "erased_style" in first \
+            else ""
+        lines += [f"## world: {world}{task}", "", "| ratio | seed | model | " + " | ".join(heads) + " | targets met |",
                   "|---|---|---|" + "---|" * (len(heads) + 1)]
         for cell in (c for c in cells if c["world"] == world):
             rows = [("teacher", cell["teacher"], ""), ("distill-only", cell["distill-only"], "")]
@@ -187,7 +219,8 @@ def parse_overrides(pairs: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="RunConfig FIELD=VALUE for the bilevel student (trials)")
-    parser.add_argument("--worlds", nargs="+", default=["toy", "glyphs"])
+    parser.add_argument("--worlds", nargs="+", default=["toy", "glyphs"],
+                        help="WORLD, or WORLD:ERASED/NEIGHBOUR for another erase task of that world")
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.6])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the built-in job's)")
@@ -208,6 +241,8 @@ def main() -> None:
         out.write_text(json.dumps(record, indent=2) + "\n")
         return
 
+    for spec in args.worlds:
+        task_world(spec)  # a misspelt world or style fails here, not in every cell's subprocess
     cells = [(w, r, s) for w in args.worlds for r in args.ratios for s in args.seeds]
     pending = [c for c in cells if not reusable(work / f"{cell_name(*c)}.json", c[0])]
     work.mkdir(parents=True, exist_ok=True)

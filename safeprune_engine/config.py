@@ -276,7 +276,11 @@ class RunConfig:
         return self.kernels != "off" and not (self.kernels == "auto" and self.zero3_sharded)
 
     def identity(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in IDENTITY_FIELDS}
+        """What the run computes. Settings whose default depends on others count by their effective value (a
+        two-stage run stored with --eta 1.0 is the same run as one at the default)."""
+        values = {name: getattr(self, name) for name in IDENTITY_FIELDS}
+        values["eta"] = self.effective_eta
+        return values
 
     # ---- validation --------------------------------------------------------------------------------
     def validate(self) -> "RunConfig":

@@ -259,6 +259,16 @@ def test_every_setting_round_trips_through_a_json_file_as_the_launcher_writes_it
     assert RunConfig.from_file(yaml_file) == config
 
 
+def test_a_run_is_identified_by_its_effective_eta():
+    """eta's default depends on the method: a run stored with the value the default resolves to is the same run
+    (it may resume), one stored with another value is not."""
+    from safeprune_engine.config import RunConfig
+
+    assert RunConfig(method="two-stage", eta=1.0).identity() == RunConfig(method="two-stage").identity()
+    assert RunConfig(eta=0.5).identity() == RunConfig().identity()
+    assert RunConfig(eta=1.0).identity()["eta"] != RunConfig().identity()["eta"]  # bilevel before its default moved
+
+
 # ---- sample --model: a pipeline directory or the run directory `safeprune run --out` printed -----------------
 def sample(model, png, seed):
     return main(["sample", "--model", str(model), "--prompt", "a red square", "--out", str(png), "--steps", "2",
