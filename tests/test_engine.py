@@ -431,7 +431,7 @@ def test_bilevel_constraint_form_value_model_and_multiplier(tmp_path, inner_step
     assert_gradients(RecordingAdamW.log[-1][1], params, expected)
     assert scalars["constraint/multiplier"] == pytest.approx(reference.multiplier)
     assert scalars["constraint/slack"] == pytest.approx(reference.slack)
-    assert scalars["loss/ft_value"] == pytest.approx(float(value_loss), rel=1e-5)
+    assert scalars["loss/ft_value"] == pytest.approx(float(value_loss.detach()), rel=1e-5)
 
 
 def test_probe_batches_are_fixed_and_spread_over_the_schedule(tmp_path):
