@@ -319,10 +319,12 @@ def describe_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[s
     else:
         parts = []
     default = default.replace(method=config.method)  # e.g. eta's default depends on the method
+
+    def effective(settings, name):  # a setting given as what its default resolves to is no change of strength
+        return getattr(settings, f"effective_{name}", getattr(settings, name))
+
     for name in STRENGTH_FIELDS:
-        value, stock = getattr(config, name), getattr(default, name)
-        if name == "eta":  # an --eta equal to the method's default is no change of strength
-            value, stock = config.effective_eta, default.effective_eta
+        value, stock = effective(config, name), effective(default, name)
         if name not in shown and value != stock:
             parts.append(str(value) if name == "erase_method" else f"{name} {value:g}" if isinstance(
                 value, float) else f"{name} {value}")
