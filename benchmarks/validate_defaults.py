@@ -87,7 +87,7 @@ def teacher_digest(world_name: str) -> str:
     not reused."""
     from safeprune_engine.toy.teacher import toy_teacher_path
 
-    weights = toy_teacher_path(world_name.partition(":")[0]) / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = toy_teacher_path(task_world(world_name)) / "unet" / "diffusion_pytorch_model.safetensors"
     return hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
 
 

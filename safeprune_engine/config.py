@@ -276,8 +276,9 @@ class RunConfig:
         return self.kernels != "off" and not (self.kernels == "auto" and self.zero3_sharded)
 
     def identity(self) -> dict[str, Any]:
-        """What the run computes. Settings whose default depends on others count by their effective value (a
-        two-stage run stored with --eta 1.0 is the same run as one at the default)."""
+        """What the run computes. eta counts by its effective value: its default depends on the method, and runs
+        stored before that default moved hold 1.0 (a two-stage run at 1.0 is the same run as one at the default).
+        Other None-defaulted fields stay as given, so checkpoints that stored them as None keep resuming."""
         values = {name: getattr(self, name) for name in IDENTITY_FIELDS}
         values["eta"] = self.effective_eta
         return values

@@ -300,7 +300,7 @@ def describe_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[s
     from ..config import RunConfig
 
     config = read_run_config(run_dir)
-    default = RunConfig()
+    default = RunConfig(method=config.method)  # e.g. eta's default depends on the method
     shown = set()
     if config.method == "bilevel":
         shown.add("lr_upper")  # bilevel steps the student at lr only
@@ -318,7 +318,6 @@ def describe_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[s
         return config.method, "no erasing" + (f" at step {step}" if step is not None else "")
     else:
         parts = []
-    default = default.replace(method=config.method)  # e.g. eta's default depends on the method
 
     def effective(settings, name):  # a setting given as what its default resolves to is no change of strength
         return getattr(settings, f"effective_{name}", getattr(settings, name))
